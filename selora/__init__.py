@@ -1,0 +1,1 @@
+"""selora: serving runtime for sparse, selectively gated LoRA adapters."""

@@ -1,0 +1,1 @@
+"""Serving runtime: adapter registry, per-batch metadata, engine."""
