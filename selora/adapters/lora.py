@@ -70,18 +70,23 @@ class GatedAdapter(nn.Module):
 
     # -- forward of one adapted site ----------------------------------------------------
     def site_forward(self, base: nn.Linear, site_blocks: list[BlockSpec], x: torch.Tensor) -> torch.Tensor:
-        ours = [s for s in site_blocks if s.block_id in self.index]
+        gates = self.gates()
+        # Training runs closed blocks too (times a zero gate) so the STE gradient reaches their
+        # scores; inference skips them, and a site with no open block is exactly the base layer.
+        ours = {
+            s.block_id for s in site_blocks
+            if s.block_id in self.index and (self.training or bool(gates[self.index[s.block_id]] > 0))
+        }
         if not ours:
             return base(x)
-        gates = self.gates()
         y = F.linear(x, base.weight)
         pieces = []
         for spec in site_blocks:
             rows = slice(spec.out_start, spec.out_start + spec.d_out)
             ys = y[..., rows]
-            i = self.index.get(spec.block_id)
-            if i is not None and (self.training or bool(gates[i] > 0)):
-                ys = ys + gates[i] * (self._delta(spec, base.weight[rows], x, ys) - ys)
+            if spec.block_id in ours:
+                g = gates[self.index[spec.block_id]]
+                ys = ys + g * (self._delta(spec, base.weight[rows], x, ys) - ys)
             pieces.append(ys)
         y = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
         return y if base.bias is None else y + base.bias
