@@ -9,6 +9,7 @@ import logging
 import sys
 
 COMMANDS = {
+    "serve": ("selora.server.main", "serve embeddings and classification with many adapters over REST"),
     "inspect": ("selora.adapters.inspect", "summarise an adapter and draw its active-block heatmap"),
 }
 

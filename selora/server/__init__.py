@@ -1,0 +1,1 @@
+"""The REST service: FastAPI app factory, routes, schemas, error mapping, metrics, settings."""

@@ -1,0 +1,129 @@
+"""``create_app(settings, engine=None)``: the FastAPI app, its lifespan and middleware.
+
+Without an engine the lifespan loads the base model and the adapters under the adapter root in
+a background thread (``/health`` answers at once, ``/ready`` once loading is done) and stops the
+engine cleanly at shutdown. Tests pass a ready engine built on a tiny model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from fastapi import FastAPI, Request
+
+from selora.kernels.ops import kernel_backend
+from selora.models.factory import load_backbone
+from selora.runtime.engine import Engine
+from selora.runtime.registry import AdapterRegistry
+from selora.server import errors
+from selora.server.metrics import Metrics
+from selora.server.routes import router
+from selora.server.settings import MiB, Settings
+
+log = logging.getLogger("selora.server")
+
+
+def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
+    """Load the base model, preload the adapter root, return an (unstarted) engine."""
+    backbone = load_backbone(settings.model, settings.weights)
+    registry = AdapterRegistry(
+        backbone, settings.adapter_root, int(settings.host_cache_mb * MiB), int(settings.device_cache_mb * MiB),
+        metrics.on_registry_event if metrics else None,
+    )
+    names = registry.preload()
+    log.info(
+        "base %s (%s, %d blocks, fingerprint %s) on %s; kernel backend %s; %d adapters from %s",
+        backbone.model_id, backbone.library, len(backbone.blocks), backbone.fingerprint, backbone.device,
+        kernel_backend(backbone.device), len(names), registry.root,
+    )
+    return Engine(
+        backbone, registry, settings.limits, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
+        metrics.on_batch if metrics else None,
+    )
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or Settings.load()
+    metrics = Metrics()
+    if engine is not None:
+        engine.on_batch = metrics.on_batch
+        engine.registry.listener = metrics.on_registry_event
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = None
+        if app.state.engine is not None:
+            await app.state.engine.start()
+        else:
+            loading = asyncio.create_task(_load(app, settings, metrics))
+        try:
+            yield
+        finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await loading
+            if app.state.engine is not None:
+                await app.state.engine.stop()
+            log.info("stopped")
+
+    app = FastAPI(title="selora", version="0.1.0", lifespan=lifespan,
+                  description="Embeddings and classification with sparse LoRA/DoRA adapters on one CLIP/DINO base")
+    app.state.engine, app.state.metrics, app.state.settings, app.state.load_error = engine, metrics, settings, None
+    errors.install(app, metrics.on_error)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.latency.labels(getattr(route, "path", "unmatched")).observe(time.perf_counter() - started)
+        return response
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+async def _load(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    try:
+        engine = await asyncio.to_thread(build_engine, settings, metrics)
+    except Exception as e:  # the process lives on, /ready explains why it is not ready
+        log.exception("loading %s failed", settings.model)
+        app.state.load_error = f"loading {settings.model} failed: {e}"
+        return
+    await engine.start()
+    app.state.engine = engine
+    log.info("ready")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` (declared or streamed) gets 413."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise errors.PayloadTooLargeError(f"request body over the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _reject(self, scope, receive, send):
+        response = errors.error_response(413, "payload_too_large", f"request body over the limit of {self.max_bytes} bytes")
+        await response(scope, receive, send)

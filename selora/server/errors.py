@@ -1,0 +1,90 @@
+"""One table from failure type to HTTP status and error ``type``; one JSON error shape:
+``{"error": {"type": ..., "message": ...}}`` (DESIGN.md, REST contract)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from selora.adapters.format import AdapterError, AdapterNotFoundError, BaseModelMismatchError
+from selora.models.factory import ModelError
+from selora.runtime import inputs, registry
+from selora.runtime.engine import EngineStoppedError, NoClassifierError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+
+class NotReadyError(RuntimeError):
+    """The base model is still loading."""
+
+
+class PayloadTooLargeError(ValueError):
+    """The request body is over the size limit."""
+
+
+# exception type -> (status, error type); the most specific class in an exception's MRO wins
+ERRORS: dict[type[BaseException], tuple[int, str]] = {
+    registry.UnknownAdapterError: (404, "adapter_not_found"),
+    registry.InvalidAdapterNameError: (422, "invalid_adapter_name"),
+    registry.UnsafePathError: (422, "unsafe_path"),
+    registry.AdapterTooLargeError: (413, "adapter_too_large"),
+    AdapterNotFoundError: (404, "adapter_files_not_found"),
+    BaseModelMismatchError: (422, "base_model_mismatch"),
+    AdapterError: (422, "invalid_adapter"),
+    inputs.ImageDecodeError: (400, "invalid_image"),
+    inputs.ImageTooLargeError: (413, "image_too_large"),
+    inputs.TextTooLongError: (413, "text_too_long"),
+    inputs.TooManyInputsError: (413, "too_many_inputs"),
+    inputs.EmptyInputError: (400, "empty_input"),
+    inputs.UnsupportedModalityError: (422, "unsupported_modality"),
+    NoClassifierError: (422, "no_classifier"),
+    inputs.InputError: (422, "invalid_input"),
+    ModelError: (422, "unsupported_model"),
+    PayloadTooLargeError: (413, "payload_too_large"),
+    RequestValidationError: (422, "invalid_request"),
+    OverloadedError: (429, "overloaded"),
+    NotReadyError: (503, "not_ready"),
+    EngineStoppedError: (503, "unavailable"),
+}
+
+
+def status_of(exc: BaseException) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in ERRORS:
+            return ERRORS[cls]
+    return 500, "internal_error"
+
+
+def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def install(app: FastAPI, on_error=lambda kind: None) -> None:
+    """Route every exception through ``ERRORS``; ``on_error(type)`` counts them."""
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        status, kind = status_of(exc)
+        message = str(exc)
+        if isinstance(exc, RequestValidationError):
+            first = exc.errors()[0] if exc.errors() else {}
+            message = f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg', 'invalid request')}"
+        if status == 500:
+            log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+            message = "internal error"
+        headers = {"Retry-After": str(getattr(exc, "retry_after", 1))} if status in (429, 503) else None
+        on_error(kind)
+        return error_response(status, kind, message, headers)
+
+    async def handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        on_error(kind)
+        return error_response(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
+
+    app.add_exception_handler(StarletteHTTPException, handle_http)
+    app.add_exception_handler(Exception, handle)
+    for cls in ERRORS:
+        app.add_exception_handler(cls, handle)

@@ -1,0 +1,43 @@
+"""Prometheus metrics of one app (its own ``CollectorRegistry``, so several apps can coexist)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram("selora_request_latency_seconds", "request latency by route", ["route"], registry=r)
+        self.batch_size = Histogram("selora_batch_size", "rows per forward", ["modality"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("selora_queue_depth", "rows waiting for a forward", registry=r)
+        self.adapters_resident = Gauge("selora_adapters_resident", "adapters resident", ["tier"], registry=r)
+        self.bytes_resident = Gauge("selora_adapter_bytes_resident", "bytes of resident adapters", ["tier"], registry=r)
+        self.adapters_registered = Gauge("selora_adapters_registered", "adapters registered", registry=r)
+        self.loads = Counter("selora_adapter_loads", "adapter loads into a tier", ["tier"], registry=r)
+        self.evictions = Counter("selora_adapter_evictions", "adapter evictions from a tier", ["tier"], registry=r)
+        self.errors = Counter("selora_errors", "error responses by type", ["type"], registry=r)
+
+    def on_registry_event(self, event: str, tier: str) -> None:
+        (self.loads if event == "load" else self.evictions).labels(tier).inc()
+
+    def on_batch(self, modality: str, rows: int) -> None:
+        self.batch_size.labels(modality).observe(rows)
+
+    def on_error(self, kind: str) -> None:
+        self.errors.labels(kind).inc()
+
+    def render(self, engine=None) -> bytes:
+        """Prometheus text; gauges sampled from ``engine`` (and its registry) now."""
+        if engine is not None:
+            self.queue_depth.set(engine.queued_rows)
+            self.adapters_registered.set(len(engine.registry.names()))
+            for tier, (count, nbytes) in engine.registry.resident().items():
+                self.adapters_resident.labels(tier).set(count)
+                self.bytes_resident.labels(tier).set(nbytes)
+        return generate_latest(self.registry)

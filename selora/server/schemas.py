@@ -1,0 +1,125 @@
+"""Request and response bodies of the REST API (DESIGN.md, REST contract)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class EmbeddingRequest(BaseModel):
+    model: str = Field("base", description="adapter name, or 'base' for the base model alone")
+    input: list[str] = Field(description="images (base64 data URIs or bare base64) or texts")
+    modality: Literal["image", "text"] = "image"
+    normalize: bool = Field(True, description="L2-normalise each embedding")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float]
+
+
+class Usage(BaseModel):
+    inputs: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Embedding]
+    usage: Usage
+
+
+class ClassifyRequest(BaseModel):
+    model: str = Field("base", description="adapter name, or 'base'")
+    input: list[str] = Field(description="images (base64 data URIs or bare base64)")
+    labels: list[str] | None = Field(None, description="class names for CLIP zero-shot; null: the adapter's own head")
+    top_k: int = Field(5, ge=1, le=1000)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class Classification(BaseModel):
+    object: Literal["classification"] = "classification"
+    index: int
+    predictions: list[Prediction]
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Classification]
+    usage: Usage
+
+
+class LoadAdapterRequest(BaseModel):
+    name: str
+    path: str = Field(description="adapter directory, relative to the server's adapter root")
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    base_model: str
+    variant: str
+    r: int
+    lora_alpha: float
+    active_blocks: list[str]
+    num_active: int
+    num_blocks: int
+    bytes: int = Field(description="host bytes of the active blocks (and head)")
+    device_bytes: int = Field(description="device bytes while resident on the device, else 0")
+    resident_host: bool
+    resident_device: bool
+    head_classes: list[str] | None
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+
+
+class Deleted(BaseModel):
+    name: str
+    deleted: bool = True
+
+
+class BaseModelInfo(BaseModel):
+    id: str
+    library: str
+    fingerprint: str
+    embed_dim: int
+    modalities: list[str]
+    num_blocks: int
+    device: str
+    dtype: str
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    type: Literal["base", "adapter"]
+
+
+class ModelsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    base: BaseModelInfo
+    kernel_backend: str
+    data: list[ModelEntry]
+
+
+class Status(BaseModel):
+    status: str

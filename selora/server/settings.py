@@ -1,0 +1,70 @@
+"""Every server setting, read in this one place: defaults < ``SELORA_*`` environment < CLI flags.
+
+Each field's environment variable is ``SELORA_`` + its upper-case name (``SELORA_PORT``,
+``SELORA_ADAPTER_ROOT``, ...); its flag is ``--`` + its name with dashes (``--adapter-root``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+from selora.models.factory import DEFAULT_MODEL
+from selora.runtime.inputs import Limits
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = DEFAULT_MODEL  # dinov2-small | open_clip:<config> | timm:<name> | a named config
+    weights: str | None = None  # open_clip pretrained tag or local safetensors file
+    adapter_root: str = "adapters"  # adapter directories, preloaded at start; uploads land here
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32  # rows (images or texts) per forward
+    max_wait_ms: float = 5.0  # how long the oldest queued request waits for its batch to fill
+    max_queue: int = 512  # rows waiting; beyond it requests get 429 + Retry-After
+    host_cache_mb: float = 1024.0  # host-memory budget of resident adapters (active blocks)
+    device_cache_mb: float = 512.0  # device-memory budget of resident adapters
+    max_body_mb: float = 32.0  # request body size (413 beyond)
+    max_inputs: int = 64  # inputs per request (413 beyond)
+    max_image_pixels: int = 4096 * 4096  # decoded image width x height (413 beyond)
+    max_text_chars: int = 2048  # characters per text (413 beyond)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_inputs, self.max_image_pixels, self.max_text_chars)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * MiB)
+
+    @classmethod
+    def load(cls, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = getattr(args, f.name, None) if args is not None else None
+            if raw is None:
+                raw = env.get(f"SELORA_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _convert(f, raw)
+        return cls(**values)
+
+
+def _convert(f, raw):
+    kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SystemExit(f"selora serve: {f.name} must be {kind.__name__}, got {raw!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; unset flags fall back to the environment, then the default."""
+    for f in fields(Settings):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", default=None, metavar=f.name.upper(),
+                            help=f"(env SELORA_{f.name.upper()}; default {f.default})")
