@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 
 META_FIELDS = ("item_start", "item_end", "out_start", "rank_start", "rank")
+# Columns of ``LayerBatch.meta``: the entry fields, then the entry's offset into the kernel's
+# shrink buffer in units of items × rank (the kernel multiplies it by tokens per item).
+META_COLUMNS = META_FIELDS + ("item_rank_offset",)
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class LayerBatch:
     lora_a: torch.Tensor  # [R, d_in], R = sum of entry ranks
     lora_bt: torch.Tensor  # [R, out_size]
     scales: torch.Tensor  # fp32 [E]
-    meta: torch.Tensor  # int32 [E, 5]: META_FIELDS
+    meta: torch.Tensor  # int32 [E, 6]: META_COLUMNS
     dora_factor: torch.Tensor | None  # [E, out_size] (ones for LoRA entries), None if no DoRA entry
 
     @property
@@ -84,7 +87,11 @@ def pack_layer(work: list[tuple[int, int, DeviceBlock]]) -> LayerBatch:
             blk.dora_factor if blk.dora_factor is not None else torch.ones(out_size, device=first.device, dtype=first.dtype)
             for _, _, blk in work
         ])
-    meta = torch.tensor([[getattr(e, f) for f in META_FIELDS] for e in entries], dtype=torch.int32)
+    rows, offset = [], 0
+    for e in entries:
+        rows.append([getattr(e, f) for f in META_FIELDS] + [offset])
+        offset += (e.item_end - e.item_start) * e.rank
+    meta = torch.tensor(rows, dtype=torch.int32)
     return LayerBatch(
         entries=entries,
         out_size=out_size,
