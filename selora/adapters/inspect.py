@@ -58,7 +58,8 @@ def plot_heatmap(adapters_blocks: list[list[str]], all_blocks: list[str], path: 
         ax.set_yticks(range(len(KINDS)), KINDS)
         ax.set_xticks(range(layers))
         ax.set_xlabel("layer")
-        ax.set_title(f"{tower} tower: {int(grid.sum() * len(adapters_blocks))} active block-runs")
+        runs = len(adapters_blocks)
+        ax.set_title(f"{tower} tower: {int(grid.sum())} active blocks" if runs == 1 else f"{tower} tower: share of {runs} runs activating each block")
         fig.colorbar(im, ax=ax, fraction=0.03)
     if title:
         fig.suptitle(title)
