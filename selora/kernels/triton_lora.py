@@ -36,7 +36,9 @@ Design. One program per output tile ``y[m0:m0+BM, n0:n0+BN]``:
    configs into ``configs/<gpu>.json``.
 
 The interpreter (``TRITON_INTERPRET=1``) runs the very same kernel function on CPU tensors
-(built with ``InterpretedFunction``, independent of import order); every ``tl.dot`` is at least
+(built with ``InterpretedFunction``, independent of import order; so the kernels call no
+``@triton.jit`` helper of ``triton.language.standard`` such as ``tl.cdiv`` or ``tl.zeros``, which stays compiled
+when triton was imported without the variable); every ``tl.dot`` is at least
 16 × 16 × 16 (ranks padded by masking to ``BLOCK_R`` ≥ 16) so the code is valid on real GPUs.
 """
 
@@ -81,7 +83,7 @@ def _lora_linear_kernel(
     GROUP_SIZE_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    num_m, num_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N  # no tl.cdiv: see docstring
     group = GROUP_SIZE_M * num_n
     first_m = (pid // group) * GROUP_SIZE_M
     size_m = min(num_m - first_m, GROUP_SIZE_M)
@@ -93,7 +95,7 @@ def _lora_linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
@@ -115,7 +117,7 @@ def _lora_linear_kernel(
             row_in = (offs_m >= row_start) & (offs_m < row_end)
             col_in = (offs_n >= col_start) & (offs_n < col_start + OUT_SIZE)
             cols = offs_n - col_start
-            t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            t = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
             for r0 in range(0, rank, BLOCK_R):
                 r_in = (r0 + offs_r) < rank
                 ranks = rank_start + r0 + offs_r
@@ -124,7 +126,7 @@ def _lora_linear_kernel(
                     s = tl.load(s_base + (offs_m - row_start)[:, None] * rank + (r0 + offs_r)[None, :],
                                 mask=row_in[:, None] & r_in[None, :], other=0.0)
                 else:
-                    s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                    s_acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
                     for k0 in range(0, K, BLOCK_K):
                         k = k0 + offs_k
                         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
@@ -175,7 +177,7 @@ def _lora_shrink_kernel(
         offs_r = r_lo + tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
         m_in, r_in = offs_m < row_end, offs_r < rank
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,

@@ -1,0 +1,120 @@
+"""The Triton kernel against the torch reference (the spec), on the interpreter and on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selora.kernels import triton_lora
+from selora.kernels.ops import KernelBackendError, kernel_backend, lora_linear
+from selora.kernels.reference import lora_linear_reference
+from tests.kernels.cases import CASES, build_case
+from tests.kernels.conftest import CUDA, NO_GPU
+
+# Kernel (in dtype) against the reference on the same dtype-rounded values computed in fp32.
+TOLERANCE = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=2e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=6e-2, rtol=2e-2),
+}
+DEVICE_DTYPES = [
+    pytest.param("cpu", torch.float32, id="interpreter-fp32"),
+    pytest.param("cpu", torch.float16, id="interpreter-fp16"),
+    *[pytest.param("cuda", dt, id=f"cuda-{str(dt)[6:]}", marks=pytest.mark.skipif(not CUDA, reason=NO_GPU))
+      for dt in (torch.float32, torch.float16, torch.bfloat16)],
+]
+
+
+def expected(inputs, dtype):
+    """The reference in fp32 on the inputs rounded to ``dtype`` (so only the kernel's error remains)."""
+    exact = inputs.to(dtype).to(torch.float32)
+    if exact.layer is None:
+        return F.linear(exact.x, exact.weight, exact.bias)
+    return lora_linear_reference(exact.x, exact.weight, exact.bias, exact.layer)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernel_matches_reference(case, device, dtype, interpreter):
+    inputs = build_case(case)
+    run = inputs.to(dtype, device)
+    before = triton_lora.launch_count()
+    y = lora_linear(run.x, run.weight, run.bias, run.layer)
+    assert y.dtype == dtype and y.shape == (*run.x.shape[:-1], case.d_out)
+    torch.testing.assert_close(y.float().cpu(), expected(inputs, dtype), **TOLERANCE[dtype])
+    split = run.layer is not None and max(e.rank for e in run.layer.entries) > 32
+    assert triton_lora.launch_count() - before == (0 if run.layer is None else 1 + split)
+
+
+@pytest.mark.parametrize("split_rank", [0, 1000], ids=["always-split-shrink", "always-fused-shrink"])
+@pytest.mark.parametrize("case", CASES[1:3], ids=lambda c: c.name)
+def test_both_shrink_modes_match_reference(case, split_rank, interpreter, monkeypatch):
+    monkeypatch.setenv("SELORA_SPLIT_SHRINK_RANK", str(split_rank))
+    inputs = build_case(case, seed=1)
+    before = dict(triton_lora.LAUNCHES)
+    y = lora_linear(inputs.x, inputs.weight, inputs.bias, inputs.layer)
+    torch.testing.assert_close(y, expected(inputs, torch.float32), **TOLERANCE[torch.float32])
+    shrinks = triton_lora.LAUNCHES["lora_shrink"] - before.get("lora_shrink", 0)
+    assert shrinks == (1 if split_rank == 0 else 0)
+
+
+def test_layer_without_entries_launches_only_the_base_gemm(interpreter):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    inputs = build_case(CASES[-1])
+    assert inputs.layer is None
+    before = triton_lora.launch_count()
+    with Recorder() as rec:
+        y = lora_linear(inputs.x, inputs.weight, inputs.bias, inputs.layer)
+    assert triton_lora.launch_count() == before
+    assert [op for op in rec.ops if op not in ("view", "t", "_unsafe_view", "reshape")] == ["addmm"]
+    torch.testing.assert_close(y, F.linear(inputs.x, inputs.weight, inputs.bias))
+
+
+def test_backend_setting(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("SELORA_KERNEL", "auto")
+    assert kernel_backend("cpu") == "torch"
+    monkeypatch.setenv("SELORA_KERNEL", "torch")
+    assert kernel_backend("cuda") == "torch"
+    monkeypatch.setenv("SELORA_KERNEL", "triton")
+    assert kernel_backend("cuda") == "triton"
+    with pytest.raises(KernelBackendError, match="TRITON_INTERPRET=1"):
+        kernel_backend("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernel_backend("cpu") == "triton-interpret"
+    monkeypatch.setenv("SELORA_KERNEL", "cuda-please")
+    with pytest.raises(KernelBackendError, match="expected one of"):
+        kernel_backend("cpu")
+
+
+def test_auto_on_cpu_runs_the_reference_not_the_kernel(monkeypatch):
+    monkeypatch.setenv("SELORA_KERNEL", "auto")
+    inputs = build_case(CASES[1])
+    before = triton_lora.launch_count()
+    y = lora_linear(inputs.x, inputs.weight, inputs.bias, inputs.layer)
+    assert triton_lora.launch_count() == before
+    torch.testing.assert_close(y, lora_linear_reference(inputs.x, inputs.weight, inputs.bias, inputs.layer))
+
+
+def test_bad_inputs_get_typed_errors(interpreter):
+    inputs = build_case(CASES[1])
+    with pytest.raises(ValueError, match="share one dtype"):
+        lora_linear(inputs.x.half(), inputs.weight, inputs.bias, inputs.layer)
+    with pytest.raises(ValueError, match="disagree"):
+        lora_linear(inputs.x[..., :-1], inputs.weight[:, :-1], inputs.bias, inputs.layer)
+    with pytest.raises(ValueError, match="outside"):
+        lora_linear(inputs.x[:2], inputs.weight, inputs.bias, inputs.layer)
+    bf16 = inputs.to(torch.bfloat16)
+    with pytest.raises(KernelBackendError, match="bf16"):
+        lora_linear(bf16.x, bf16.weight, bf16.bias, bf16.layer)
