@@ -1,0 +1,117 @@
+"""The model variants a benchmark compares, each as a ready ``forward(x)`` closure.
+
+- ``base``: the pristine model (no adapter wrapper at all);
+- ``merged``: a copy with an adapter merged into its weights (``selora.adapters.merge``);
+- ``selora``: selora's unmerged serving path, ``SparseAdapter`` → ``to_device`` →
+  ``forward_mixed`` (gated: only active blocks; "every block": plain LoRA/DoRA unmerged);
+- ``peft``: HF PEFT LoRA/DoRA on a copy of the same timm model, every site
+  (``qkv``, ``proj``, ``fc1``, ``fc2``; PEFT adapts the fused qkv as one block), or only the
+  sites of given blocks; with several adapters, PEFT's mixed-batch inference (``adapter_names``);
+- ``merge_swap``: per adapter group of a batch, merge, run the group's rows, unmerge.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from selora.adapters.format import SparseAdapter
+from selora.adapters.merge import merge_into, unmerge
+from selora.kernels.batch import DeviceBlock
+from selora.models.factory import Backbone
+from selora.runtime.batch import DeviceAdapter, forward_mixed
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+PEFT_SITES = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+
+
+class PeerError(RuntimeError):
+    """A peer cannot be built for this model (e.g. PEFT on an open_clip model)."""
+
+
+def pristine_copy(backbone: Backbone) -> Backbone:
+    """A deep copy of ``backbone`` whose model has no selora wrappers (call before ``inject``)."""
+    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
+
+
+def base_forward(pristine: Backbone) -> Forward:
+    return torch.no_grad()(pristine.encode_image)
+
+
+def merged_forward(pristine: Backbone, adapter: SparseAdapter) -> Forward:
+    merged = pristine_copy(pristine)
+    merge_into(merged, adapter)
+    return torch.no_grad()(merged.encode_image)
+
+
+def selora_forward(backbone: Backbone, adapters: Sequence[DeviceAdapter], rows: int) -> Forward:
+    """Rows spread round-robin over ``adapters`` (one adapter: every row uses it)."""
+    row_adapter = [i % len(adapters) for i in range(rows)]
+    return lambda x: forward_mixed(backbone, x, adapters, row_adapter)
+
+
+def to_meta(dev: DeviceAdapter) -> DeviceAdapter:
+    """The same adapter with every tensor on the meta device (FLOP counting without compute)."""
+    move = lambda t: None if t is None else t.to("meta")  # noqa: E731
+    sites = {
+        s: [DeviceBlock(b.block_id, b.out_start, move(b.lora_a), move(b.lora_bt), b.scale, move(b.dora_factor)) for b in blocks]
+        for s, blocks in dev.sites.items()
+    }
+    return DeviceAdapter(sites, dev.variant, dev.r)
+
+
+def _peft_config(r: int, dora: bool, target: str | list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=target, use_dora=dora, init_lora_weights=False)
+
+
+def peft_sites(backbone: Backbone, blocks: Sequence[str]) -> list[str]:
+    """The module names PEFT must target to cover ``blocks`` (q/k/v share the fused qkv)."""
+    return sorted({backbone.blocks[b].site for b in blocks})
+
+
+def peft_model(pristine: Backbone, r: int, dora: bool, adapters: Sequence[Sequence[str] | None] = (None,)) -> nn.Module:
+    """PEFT on a copy of the timm model: one PEFT adapter per entry of ``adapters`` (named
+    ``a0``, ``a1``...), each on every site (``None``) or on the sites of the given blocks."""
+    if pristine.library != "timm":
+        raise PeerError(f"the PEFT peer runs on timm models; {pristine.model_id} is {pristine.library}")
+    from peft import get_peft_model
+
+    targets = [PEFT_SITES if a is None else peft_sites(pristine, a) for a in adapters]
+    model = get_peft_model(copy.deepcopy(pristine.model), _peft_config(r, dora, targets[0]), adapter_name="a0")
+    for i, target in enumerate(targets[1:], start=1):
+        model.add_adapter(f"a{i}", _peft_config(r, dora, target))
+    return model.eval()
+
+
+def peft_forward(model: nn.Module, num_adapters: int = 1, rows: int = 0) -> Forward:
+    """One adapter: plain PEFT forward. Several: mixed batch, rows round-robin over adapters."""
+    if num_adapters == 1:
+        return torch.no_grad()(lambda x: model(x))
+    names = [f"a{i % num_adapters}" for i in range(rows)]
+    return torch.no_grad()(lambda x: model(x, adapter_names=names))
+
+
+def merge_swap_forward(pristine: Backbone, adapters: Sequence[SparseAdapter], rows: int) -> Forward:
+    """Per adapter group (rows round-robin over ``adapters``): merge, forward, unmerge."""
+    work = pristine_copy(pristine)
+    groups = [list(range(i, rows, len(adapters))) for i in range(len(adapters))]
+
+    @torch.no_grad()
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for adapter, idx in zip(adapters, groups):
+            saved = merge_into(work, adapter)
+            y = work.encode_image(x[idx])
+            unmerge(work, saved)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[idx] = y
+        return out
+
+    return forward
