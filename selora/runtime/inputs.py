@@ -81,6 +81,8 @@ def decode_image(data: str, limits: Limits) -> Image.Image:
             if width * height > limits.max_image_pixels:
                 raise ImageTooLargeError(f"image is {width}x{height} pixels; the limit is {limits.max_image_pixels} pixels")
             return img.convert("RGB")
+    except ImageTooLargeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(f"image rejected as a decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable/truncated files

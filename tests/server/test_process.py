@@ -1,0 +1,88 @@
+"""The service as a process: a real uvicorn on 127.0.0.1, settings, readiness and overload."""
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from fastapi.testclient import TestClient
+
+from selora.server.app import create_app
+from selora.server.main import add_arguments
+from selora.server.settings import Settings
+from tests.server.conftest import image_b64, make_app, run_with_client, write_adapter
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_uvicorn_process_serves_and_stops_cleanly(tmp_path, tiny_vit):
+    write_adapter(tiny_vit, tmp_path, "pre", active=list(tiny_vit.blocks)[:2])
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELORA_MAX_BATCH_SIZE": "8"}
+    cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", "tiny-vit", "--adapter-root", str(tmp_path), "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        models = httpx.get(f"{url}/v1/models").json()
+        assert models["base"]["id"] == "tiny-vit" and [m["id"] for m in models["data"]] == ["base", "pre"]
+        r = httpx.post(f"{url}/v1/embeddings", json={"model": "pre", "input": [image_b64(0), image_b64(1)]}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        assert "selora_batch_size_count" in httpx.get(f"{url}/metrics").text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "kernel backend" in out and "stopped" in out
+
+
+def test_settings_precedence_flags_over_env_over_defaults():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    env = {"SELORA_PORT": "9001", "SELORA_MAX_WAIT_MS": "2.5", "SELORA_MODEL": "tiny-clip"}
+    s = Settings.load(parser.parse_args(["--model", "tiny-vit", "--adapter-root", "/tmp/a"]), env)
+    assert (s.model, s.port, s.max_wait_ms, s.adapter_root, s.host) == ("tiny-vit", 9001, 2.5, "/tmp/a", "127.0.0.1")
+    assert Settings.load(None, {}).model == "dinov2-small"
+
+
+def test_not_ready_while_loading_or_after_a_failed_load(tmp_path):
+    with TestClient(create_app(Settings(model="no-such-model", adapter_root=str(tmp_path)))) as client:
+        assert client.get("/health").status_code == 200
+        deadline = time.monotonic() + 30
+        while "failed" not in (r := client.get("/ready")).text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready" and "no-such-model" in r.json()["error"]["message"]
+        models = client.get("/v1/models")
+        assert models.status_code == 503 and models.headers["retry-after"] == "1"
+
+
+def test_overload_answers_429_with_retry_after(tmp_path, tiny_vit):
+    async def flood(client):
+        body = {"model": "base", "input": [image_b64(0)]}
+        return await asyncio.gather(*(client.post("/v1/embeddings", json=body) for _ in range(10)))
+
+    app = make_app(tiny_vit, tmp_path, max_batch_size=2, max_wait_ms=300.0, max_queue=3)
+    responses = run_with_client(app, flood)
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) == {200, 429}
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "overloaded"
