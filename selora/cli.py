@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "serve": ("selora.server.main", "serve embeddings and classification with many adapters over REST"),
     "inspect": ("selora.adapters.inspect", "summarise an adapter and draw its active-block heatmap"),
+    "bench": ("selora.bench.suite", "FLOPs, latency, multi-tenant throughput and memory against PEFT, merged and base"),
 }
 
 
