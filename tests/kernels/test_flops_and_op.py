@@ -56,3 +56,17 @@ def test_custom_op_schema_and_fake_impl(monkeypatch):
             layer.dora_factor, host_meta(layer), [e.scale for e in layer.entries])
     torch.library.opcheck(torch.ops.selora.lora_linear.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_benchmark_refuses_cleanly_without_gpu(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run instead of refusing")
+    path = Path(__file__).parents[2] / "benchmarks" / "kernel.py"
+    spec = importlib.util.spec_from_file_location("kernel_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
