@@ -20,6 +20,10 @@ from selora.models.factory import Backbone
 from selora.runtime.batch import forward_mixed, to_device
 
 VARIANTS = ("lora", "dora")
+
+
+class BenchError(ValueError):
+    """A benchmark setting that cannot run (e.g. a chosen block the model does not have)."""
 Step = Callable[[], None]
 
 
@@ -64,6 +68,9 @@ def flop_grid(pristine: Backbone, spec: GridSpec, step: Step = lambda: None) -> 
     inputs = _inputs(meta_bb, spec.count_batch, "meta")
     order = paper_block_order(pristine.blocks)
     n = len(order)
+    unknown = [b for b in spec.chosen_blocks or () if b not in pristine.blocks]
+    if unknown:
+        raise BenchError(f"{pristine.model_id} has no block {unknown[0]!r} (ids look like vision.11.fc1)")
     configs = [("lora_all", order, None)] + [
         (f"gated_{active_count(f, n)}", order[: active_count(f, n)], f) for f in spec.fractions
     ] + [("chosen", list(spec.chosen_blocks or default_chosen_blocks(pristine)), None)]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from selora.adapters.format import SparseAdapter
+from selora.adapters.layer import AdaptedLinear
 from selora.adapters.merge import merge_into, unmerge
 from selora.kernels.batch import DeviceBlock
 from selora.models.factory import Backbone
@@ -34,8 +35,14 @@ class PeerError(RuntimeError):
 
 
 def pristine_copy(backbone: Backbone) -> Backbone:
-    """A deep copy of ``backbone`` whose model has no selora wrappers (call before ``inject``)."""
-    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
+    """A deep copy of ``backbone`` whose model has no selora wrappers (``AdaptedLinear`` -> its
+    ``nn.Linear``), so peers run the plain model."""
+    model = copy.deepcopy(backbone.model)
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    for name, m in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, m.base)
+    return dataclasses.replace(backbone, model=model)
 
 
 def base_forward(pristine: Backbone) -> Forward:
