@@ -63,8 +63,26 @@ def _convert(f, raw):
         raise SystemExit(f"selora serve: {f.name} must be {kind.__name__}, got {raw!r}") from None
 
 
+HELP = {
+    "model": "base model: dinov2-small, open_clip:<config>, timm:<name> or a named config",
+    "weights": "open_clip pretrained tag or local .safetensors file",
+    "adapter_root": "directory of adapter directories: preloaded at start, uploads written here",
+    "host": "address to bind",
+    "port": "port to bind",
+    "max_batch_size": "rows (images or texts) per forward",
+    "max_wait_ms": "how long the oldest queued request waits for its batch to fill",
+    "max_queue": "rows allowed to wait; beyond it 429 with Retry-After",
+    "host_cache_mb": "host-memory budget of resident adapters (their active blocks)",
+    "device_cache_mb": "device-memory budget of resident adapters",
+    "max_body_mb": "request body size limit (413)",
+    "max_inputs": "inputs per request (413)",
+    "max_image_pixels": "pixels of one decoded image (413)",
+    "max_text_chars": "characters of one text (413)",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; unset flags fall back to the environment, then the default."""
     for f in fields(Settings):
         parser.add_argument(f"--{f.name.replace('_', '-')}", default=None, metavar=f.name.upper(),
-                            help=f"(env SELORA_{f.name.upper()}; default {f.default})")
+                            help=f"{HELP[f.name]} (env SELORA_{f.name.upper()}; default {f.default})")
