@@ -113,7 +113,7 @@ class Engine:
     # -- public calls -------------------------------------------------------------------
     async def embed(self, model: str, modality: str, inputs: list, normalize: bool = False) -> torch.Tensor:
         """``[n, embed_dim]`` embeddings of ``inputs`` under adapter ``model`` (or ``"base"``)."""
-        tensors = await self._prepare(modality, inputs)
+        tensors = await self._prepare(modality, inputs, model)
         record = await self._pin(model)
         try:
             out = await self._run(Job(modality, record, tensors, asyncio.get_running_loop().create_future(), time.monotonic()))
@@ -128,7 +128,7 @@ class Engine:
             raise NoClassifierError(f"zero-shot labels need a CLIP base; {self.backbone.model_id} has no text tower")
         if labels is not None and (not labels or len(labels) > self.limits.max_inputs or len(set(labels)) != len(labels)):
             raise InputError(f"labels must be 1 to {self.limits.max_inputs} distinct class names")
-        tensors = await self._prepare("image", images)
+        tensors = await self._prepare("image", images, model)
         record = await self._pin(model)
         try:
             if labels is None:
@@ -148,7 +148,9 @@ class Engine:
         return [[(classes[j], float(p)) for p, j in zip(ps.tolist(), js.tolist())] for ps, js in zip(top.values, top.indices)]
 
     # -- request side -------------------------------------------------------------------
-    async def _prepare(self, modality: str, inputs: list) -> torch.Tensor:
+    async def _prepare(self, modality: str, inputs: list, model: str) -> torch.Tensor:
+        if model != BASE:
+            self.registry.get(model)  # an unknown adapter is a 404 before any image is decoded
         if modality == "image":
             fn = preprocess_images
         elif modality == "text":
