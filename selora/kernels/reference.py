@@ -23,17 +23,19 @@ from selora.kernels.batch import LayerBatch
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch) -> torch.Tensor:
-    y = F.linear(x, weight).contiguous()
-    y3 = y.view(y.shape[0], -1, y.shape[-1])  # [items, tokens, d_out], shares storage with y
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    y = F.linear(x, weight, bias).contiguous()  # the base GEMM, bias fused (DoRA entries take it out again)
+    y2 = y.view(-1, y.shape[-1])  # [items * tokens, d_out], shares storage with y
+    x2 = x.reshape(-1, x.shape[-1])
+    tokens = x2.shape[0] // x.shape[0]
     for i, e in enumerate(layer.entries):
-        xs = x3[e.item_start : e.item_end]
-        a = layer.lora_a[e.rank_start : e.rank_start + e.rank]
-        bt = layer.lora_bt[e.rank_start : e.rank_start + e.rank]
-        t = (xs @ a.t()) @ bt * e.scale
-        ys = y3[e.item_start : e.item_end, :, e.out_start : e.out_start + layer.out_size]
+        rows = slice(e.item_start * tokens, e.item_end * tokens)
+        cols = slice(e.out_start, e.out_start + layer.out_size)
+        ranks = slice(e.rank_start, e.rank_start + e.rank)
+        shrunk = x2[rows] @ layer.lora_a[ranks].t()  # [rows, r]
+        ys = y2[rows, cols]
         if e.dora:
-            ys.copy_(layer.dora_factor[i] * (ys + t))
+            b = 0 if bias is None else bias[cols]
+            ys.copy_(layer.dora_factor[i] * (ys - b + e.scale * (shrunk @ layer.lora_bt[ranks])) + b)
         else:
-            ys.add_(t)
-    return y if bias is None else y + bias
+            ys.addmm_(shrunk, layer.lora_bt[ranks], alpha=e.scale)
+    return y
