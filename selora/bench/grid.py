@@ -20,10 +20,7 @@ from selora.models.factory import Backbone
 from selora.runtime.batch import forward_mixed, to_device
 
 VARIANTS = ("lora", "dora")
-
-
-class BenchError(ValueError):
-    """A benchmark setting that cannot run (e.g. a chosen block the model does not have)."""
+BenchError = peers.BenchError
 Step = Callable[[], None]
 
 

@@ -30,8 +30,12 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 PEFT_SITES = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
 
-class PeerError(RuntimeError):
-    """A peer cannot be built for this model (e.g. PEFT on an open_clip model)."""
+class BenchError(ValueError):
+    """A benchmark setting that cannot run; the message says why and what to do."""
+
+
+class PeerError(BenchError):
+    """A peer cannot be built (PEFT on an open_clip model, or ``peft`` not installed)."""
 
 
 def pristine_copy(backbone: Backbone) -> Backbone:
@@ -72,7 +76,10 @@ def to_meta(dev: DeviceAdapter) -> DeviceAdapter:
 
 
 def _peft_config(r: int, dora: bool, target: str | list[str]):
-    from peft import LoraConfig
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise PeerError("the PEFT peers need the bench extra: pip install 'selora[bench]'") from None
 
     return LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=target, use_dora=dora, init_lora_weights=False)
 
@@ -87,6 +94,7 @@ def peft_model(pristine: Backbone, r: int, dora: bool, adapters: Sequence[Sequen
     ``a0``, ``a1``...), each on every site (``None``) or on the sites of the given blocks."""
     if pristine.library != "timm":
         raise PeerError(f"the PEFT peer runs on timm models; {pristine.model_id} is {pristine.library}")
+    _peft_config(r, dora, PEFT_SITES)  # raises PeerError when peft is not installed
     from peft import get_peft_model
 
     targets = [PEFT_SITES if a is None else peft_sites(pristine, a) for a in adapters]

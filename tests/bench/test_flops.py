@@ -72,3 +72,8 @@ def test_flop_grid_on_meta_matches_and_gated_stays_flat(tiny_clip):
 def test_unknown_chosen_block_is_a_clear_error(tiny_vit):
     with pytest.raises(grid.BenchError, match="vision.99.fc1"):
         grid.flop_grid(tiny_vit, grid.GridSpec(ranks=[4], chosen_blocks=["vision.99.fc1"]))
+
+
+def test_peft_peer_needs_a_timm_model(tiny_clip):
+    with pytest.raises(peers.PeerError, match="timm"):
+        peers.peft_model(tiny_clip, 4, False)
