@@ -9,7 +9,7 @@ The schedule is reduced so the whole sweep fits a shared 2-core CPU (see SCHEDUL
 is written next to the results). Results are appended run by run to
 ``benchmarks/results/paper_repro.json``; ``--report`` (re)writes the Markdown table and the plots.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/paper_repro.py            # sweep + report
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/paper_repro.py            # sweep + report
     .venv/bin/python benchmarks/paper_repro.py --report                     # report only
 """
 
@@ -34,9 +34,9 @@ from selora.models import load_backbone
 
 RESULTS = Path(__file__).parent / "results"
 SCHEDULE = {  # the reduced schedule (paper: 5000 steps, 500 warm-up, lr 0.005, full sets, 224 px)
-    "model": "dinov2-small", "dataset": "fashion-mnist", "image_size": 28, "steps": 40, "batch_size": 16,
-    "train_subset": 2000, "val_subset": 200, "eval_every": 40, "lr": 0.05, "warmup_steps": 4,
-    "penalty_warmup_steps": 8, "score_lr": 0.003, "seed": 0, "progress": False,
+    "model": "dinov2-small", "dataset": "fashion-mnist", "image_size": 28, "steps": 60, "batch_size": 16,
+    "train_subset": 4000, "val_subset": 300, "eval_every": 30, "lr": 0.01, "warmup_steps": 6,
+    "penalty_warmup_steps": 12, "score_lr": 0.003, "seed": 0, "progress": False,
 }
 EVAL = {"test_subset": 400, "knn_train": 1000, "knn_test": 400, "retention": "mnist"}
 RANKS = (4, 16, 64)
@@ -93,7 +93,7 @@ def sweep(only: list[str] | None) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data["schedule"], data["eval"] = SCHEDULE, EVAL
     data["machine"] = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
-    data["command"] = "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/paper_repro.py"
+    data["command"] = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/paper_repro.py"
     done = data.setdefault("runs", {})
     cache: dict = {}
     base_retention(cache)

@@ -26,7 +26,7 @@ from selora.adapters.data import DataError, ImageSet, load_split, to_pixels
 from selora.adapters.format import AdapterError, SparseAdapter, load_adapter
 from selora.adapters.inject import attached
 from selora.adapters.lora import GatedAdapter, _key
-from selora.models import load_backbone
+from selora.models import ModelError, load_backbone
 from selora.models.prompts import zero_shot_weights
 
 KNN_K, KNN_T = 20, 0.07
@@ -223,7 +223,7 @@ def run(args) -> int:
         retention = None if args.retention in (None, "none") else args.retention
         result = evaluate(backbone, adapter_from_sparse(sparse, backbone), args.dataset, retention, size,
                           args.test_subset, args.knn_train, args.knn_test)
-    except (AdapterError, ConfigError, DataError) as e:
+    except (AdapterError, ConfigError, DataError, ModelError) as e:
         print(f"selora eval: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     result["adapter"] = str(args.adapter)

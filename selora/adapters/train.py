@@ -38,7 +38,7 @@ from selora.adapters.format import save_adapter
 from selora.adapters.inject import attach, detach
 from selora.adapters.lora import GatedAdapter, export_adapter
 from selora.adapters.train_config import TrainConfig, dump_toml, load_train_config, parse_override
-from selora.models import load_backbone
+from selora.models import ModelError, load_backbone
 from selora.models.prompts import TEMPLATES, zero_shot_weights
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ def run(args) -> int:
     try:
         config = load_train_config(args.config, overrides)
         result = train(config, resume=args.resume)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ModelError) as e:
         print(f"selora train: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in result.items() if k != "active_blocks"} | {"num_active": len(result["active_blocks"])}))

@@ -128,3 +128,8 @@ def test_schedule_and_batches():
     first = torch.cat([batch_indices(10, 4, s, seed=0) for s in range(5)])  # two epochs of 10
     assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
     assert torch.equal(batch_indices(10, 4, 3, seed=0), first[12:16])
+
+
+def test_cli_unknown_model_is_a_clean_error(tmp_path, capsys):
+    assert main(["train", "--model", "nope", "--dataset", "synthetic", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "ModelError" in capsys.readouterr().err
