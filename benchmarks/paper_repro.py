@@ -34,11 +34,11 @@ from selora.models import load_backbone
 
 RESULTS = Path(__file__).parent / "results"
 SCHEDULE = {  # the reduced schedule (paper: 5000 steps, 500 warm-up, lr 0.005, full sets, 224 px)
-    "model": "dinov2-small", "dataset": "fashion-mnist", "image_size": 28, "steps": 60, "batch_size": 16,
-    "train_subset": 4000, "val_subset": 300, "eval_every": 30, "lr": 0.01, "warmup_steps": 6,
-    "penalty_warmup_steps": 12, "score_lr": 0.003, "seed": 0, "progress": False,
+    "model": "dinov2-small", "dataset": "fashion-mnist", "image_size": 28, "steps": 100, "batch_size": 16,
+    "train_subset": 4000, "val_subset": 300, "eval_every": 50, "lr": 0.01, "warmup_steps": 10,
+    "penalty_warmup_steps": 20, "score_lr": 0.003, "seed": 0, "progress": False,
 }
-EVAL = {"test_subset": 400, "knn_train": 1000, "knn_test": 400, "retention": "mnist"}
+EVAL = {"test_subset": 1000, "knn_train": 2000, "knn_test": 1000, "retention": "mnist"}
 RANKS = (4, 16, 64)
 LAMBDAS = (0.1, 0.5, 1.0)
 
@@ -68,6 +68,7 @@ def base_retention(cache: dict) -> None:
 
 def run_one(spec: dict, done: dict, work: Path, cache: dict) -> dict:
     overrides = {**SCHEDULE, **{k: v for k, v in spec.items() if k not in ("name", "like")}}
+    overrides["lora_alpha"] = float(overrides.get("r", 16))  # scale alpha/r = 1 at every rank (see notes)
     if spec.get("like"):
         overrides["random_blocks"] = max(1, done[spec["like"]]["active_blocks"])
     overrides["out"] = str(work / spec["name"])
