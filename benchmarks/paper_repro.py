@@ -54,6 +54,18 @@ def runs() -> list[dict]:
     out += [{"name": "random_like_sel_r16_lam0.5", "method": "random_blocks", "r": 16, "like": "sel_r16_lam0.5"}]
     out += [{"name": "dora_r16", "method": "lora", "variant": "dora", "r": 16},
             {"name": "sel_dora_r16_lam1.0", "method": "selective", "variant": "dora", "r": 16, "lam": 1.0}]
+    # sensitivity: penalty = lam * mean|s| (not sum over the 72 gates) and score_lr 0.05, so that the
+    # penalty's pull on one score is of the order of the task gradient's (see the notes)
+    sens = {"penalty_normalization": "mean", "score_lr": 0.05}
+    out += [{"name": f"sel_r{r}_lam{lam}_mean", "method": "selective", "r": r, "lam": lam, **sens}
+            for lam in LAMBDAS for r in (16,)]
+    out += [{"name": "random_like_sel_r16_lam1.0_mean", "method": "random_blocks", "r": 16,
+             "like": "sel_r16_lam1.0_mean"}]
+    out += [{"name": f"sel_r{r}_lam0.5_mean", "method": "selective", "r": r, "lam": 0.5, **sens} for r in (4, 64)]
+    out += [{"name": "full_ft_lr0.001", "method": "full_ft", "lr": 0.001}]  # lr 0.01 diverges for full FT
+    out += [{"name": f"sel_r{r}_lam{lam}_mean", "method": "selective", "r": r, "lam": lam, **sens}
+            for lam in (1.0, 0.1) for r in (4, 64)]
+    out += [{"name": "sel_dora_r16_lam1.0_mean", "method": "selective", "variant": "dora", "r": 16, "lam": 1.0, **sens}]
     return out
 
 

@@ -29,12 +29,16 @@ def table(data: dict) -> str:
     lines = ["| Method | R | λ | Blocks (%) | Fashion-MNIST top-1 | MNIST k-NN (retention) | Mean | run |",
              "|---|---|---|---|---|---|---|---|",
              f"| DINOv2-S (no training) | - | - | - | - | {_pct(data['retention_before'])} | - | base |"]
-    order = [("linear", "Linear", "-", "-"), ("full_ft", "FT", "-", "-")]
+    order = [("linear", "Linear", "-", "-"), ("full_ft", "FT", "-", "-"), ("full_ft_lr0.001", "FT, lr 0.001", "-", "-")]
     order += [(f"lora_r{r}", "LoRA", r, "-") for r in (4, 16, 64)]
     order += [(f"sel_r{r}_lam{lam}", "+Ours", r, lam) for lam in (1.0, 0.5, 0.1) for r in (4, 16, 64)]
     order += [("random_like_sel_r16_lam1.0", "Random (k of λ=1)", 16, "-"),
               ("random_like_sel_r16_lam0.5", "Random (k of λ=0.5)", 16, "-"),
               ("dora_r16", "DoRA", 16, "-"), ("sel_dora_r16_lam1.0", "DoRA+Ours", 16, 1.0)]
+    order += [(f"sel_r{r}_lam{lam}_mean", "+Ours, mean penalty", r, lam)
+              for lam in (1.0, 0.5, 0.1) for r in (4, 16, 64)]
+    order += [("random_like_sel_r16_lam1.0_mean", "Random (k of λ=1, mean penalty)", 16, "-"),
+              ("sel_dora_r16_lam1.0_mean", "DoRA+Ours, mean penalty", 16, 1.0)]
     for name, label, rank, lam in order:
         if name in runs:
             lines.append(_row(name, runs[name], label, rank, lam))
@@ -49,8 +53,9 @@ def plots(data: dict, out: Path) -> list[Path]:
 
     runs, made = data["runs"], []
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, fmt in [("LoRA", "lora_r{r}"), ("+Ours λ=1", "sel_r{r}_lam1.0"), ("+Ours λ=0.5", "sel_r{r}_lam0.5"),
-                       ("+Ours λ=0.1", "sel_r{r}_lam0.1")]:
+    for label, fmt in [("LoRA", "lora_r{r}"), ("+Ours λ=1 (sum)", "sel_r{r}_lam1.0"),
+                       ("+Ours λ=1 (mean)", "sel_r{r}_lam1.0_mean"), ("+Ours λ=0.5 (mean)", "sel_r{r}_lam0.5_mean"),
+                       ("+Ours λ=0.1 (mean)", "sel_r{r}_lam0.1_mean")]:
         pts = [(r, runs[fmt.format(r=r)]) for r in (4, 16, 64) if fmt.format(r=r) in runs]
         if pts:
             a1.plot([p[0] for p in pts], [100 * p[1]["id_top1"] for p in pts], "o-", label=label)
@@ -68,10 +73,11 @@ def plots(data: dict, out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.8))
-    for r in (4, 16, 64):
-        pts = [(lam, runs[f"sel_r{r}_lam{lam}"]) for lam in (0.1, 0.5, 1.0) if f"sel_r{r}_lam{lam}" in runs]
+    for r, suffix in [(4, ""), (16, ""), (64, ""), (4, "_mean"), (16, "_mean"), (64, "_mean")]:
+        pts = [(lam, runs[f"sel_r{r}_lam{lam}{suffix}"]) for lam in (0.1, 0.5, 1.0) if f"sel_r{r}_lam{lam}{suffix}" in runs]
         if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1]["active_blocks"] / NUM_BLOCKS for p in pts], "o-", label=f"r={r}")
+            ax.plot([p[0] for p in pts], [100 * p[1]["active_blocks"] / NUM_BLOCKS for p in pts], "o-",
+                    label=f"r={r}" + (", mean penalty" if suffix else ""))
     ax.set_xlabel("λ")
     ax.set_ylabel("active blocks (%)")
     ax.set_title("Blocks kept vs λ (cf. paper Fig. 8)", fontsize=10)
@@ -81,10 +87,10 @@ def plots(data: dict, out: Path) -> list[Path]:
     fig.savefig(made[-1], dpi=110)
     plt.close(fig)
 
-    gated = [r["blocks"] for n, r in runs.items() if n.startswith("sel_")]
+    gated = [r["blocks"] for n, r in runs.items() if n.startswith("sel_") and n.endswith("_mean")]
     if gated:
         made.append(plot_heatmap(gated, ALL_BLOCKS, out / "paper_repro_heatmap.png",
-                                 f"active blocks over {len(gated)} selective runs (cf. paper Fig. 11)"))
+                                 f"active blocks over {len(gated)} selective runs, mean penalty (cf. paper Fig. 11)"))
     return made
 
 

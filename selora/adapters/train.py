@@ -135,6 +135,8 @@ class Trainer:
         task = self.loss(idx)
         penalty_on = self.adapter.scores is not None and self.step >= c.resolved_penalty_warmup
         penalty = self.adapter.penalty() if penalty_on else torch.zeros(())
+        if penalty_on and c.penalty_normalization == "mean":
+            penalty = penalty / len(self.adapter.block_ids)
         self.optimizer.zero_grad(set_to_none=True)
         if self.score_optimizer is not None:
             self.score_optimizer.zero_grad(set_to_none=True)

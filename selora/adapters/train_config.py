@@ -51,6 +51,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # default: 10 % of steps (500 of 5000 in the paper)
     score_lr: float = 0.002  # gate scores' own SGD learning rate (TAPS-style)
     penalty_warmup_steps: int | None = None  # gate penalty off until this step (default: 20 % of steps)
+    penalty_normalization: str = "sum"  # sum: lam * sum|s| (paper eq. 4); mean: divided by the number of gates
     # bookkeeping
     eval_every: int = 100
     seed: int = 0
@@ -63,6 +64,7 @@ class TrainConfig:
     def validate(self) -> None:
         _choice("recipe", self.recipe, RECIPES)
         _choice("method", self.method, METHODS)
+        _choice("penalty_normalization", self.penalty_normalization, ("sum", "mean"))
         if self.optimizer is not None:
             _choice("optimizer", self.optimizer, OPTIMIZERS)
         for name in ("steps", "batch_size", "eval_every", "random_blocks"):

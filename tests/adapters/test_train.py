@@ -71,6 +71,7 @@ def test_resume_refuses_a_changed_setting(tmp_path):
     ({"warmup_steps": 99, "steps": 10}, r"warmup_steps must be an integer in \[0, steps=10\]"),
     ({"learning_rate": 0.1}, "unknown setting"),
     ({"init_score": 0.05}, "gates start open"),
+    ({"penalty_normalization": "max"}, "penalty_normalization must be one of"),
 ])
 def test_bad_config_values_fail_before_training(override, message):
     with pytest.raises(ConfigError, match=message):
