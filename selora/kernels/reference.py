@@ -33,9 +33,9 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         ranks = slice(e.rank_start, e.rank_start + e.rank)
         shrunk = x2[rows] @ layer.lora_a[ranks].t()  # [rows, r]
         ys = y2[rows, cols]
-        if e.dora:
+        if e.dora:  # f ⊙ (x·W0ᵀ + t) + b, in place: take the fused bias out, expand, scale, put it back
             b = 0 if bias is None else bias[cols]
-            ys.copy_(layer.dora_factor[i] * (ys - b + e.scale * (shrunk @ layer.lora_bt[ranks])) + b)
+            ys.sub_(b).addmm_(shrunk, layer.lora_bt[ranks], alpha=e.scale).mul_(layer.dora_factor[i]).add_(b)
         else:
             ys.addmm_(shrunk, layer.lora_bt[ranks], alpha=e.scale)
     return y
