@@ -196,8 +196,11 @@ def format_table(result: dict) -> str:
         else:
             rows.append((key, value))
     width = max(len(k) for k, _ in rows)
-    fmt = lambda v: f"{100 * v:.2f} %" if isinstance(v, float) and 0 <= v <= 1 else str(v)  # noqa: E731
-    return "\n".join(f"{k.ljust(width)}  {fmt(v)}" for k, v in rows)
+    def fmt(key, v):
+        metric = any(m in key for m in ("top1", "retention_before", "retention_after", "zero_shot", "R@"))
+        return f"{100 * v:.2f} %" if metric and isinstance(v, float) else str(v)
+
+    return "\n".join(f"{k.ljust(width)}  {fmt(k, v)}" for k, v in rows)
 
 
 # -- CLI -------------------------------------------------------------------------------------

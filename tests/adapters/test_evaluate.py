@@ -112,7 +112,8 @@ def test_clip_eval_reports_zero_shot_and_retrieval(tmp_path):
     assert result["zero_shot_before"] == result["zero_shot_after"]  # B = 0: the adapter is the identity
     assert set(result["retrieval_after"]) == {"image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5",
                                               "text_to_image_R@5"}
-    assert "zero_shot_after" in format_table(result)
+    table = format_table({**result, "knn": {"k": 20, "temperature": 0.07}})
+    assert "zero_shot_after" in table and table.rstrip().endswith(" 0.07")  # a setting, not a percentage
 
 
 def test_eval_cli_reports_a_bad_adapter_cleanly(tmp_path, capsys):
