@@ -46,7 +46,8 @@ def pristine_copy(backbone: Backbone) -> Backbone:
     for name, m in wrapped:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, m.base)
-    return dataclasses.replace(backbone, model=model)
+    meta = {k: v for k, v in backbone.meta.items() if k != "adapted_layers"}  # inject's record of the original's layers
+    return dataclasses.replace(backbone, model=model, meta=meta)
 
 
 def base_forward(pristine: Backbone) -> Forward:
