@@ -13,6 +13,11 @@ from selora.models.factory import Backbone
 
 def inject(backbone: Backbone) -> dict[str, AdaptedLinear]:
     """Idempotent: wraps each site's ``nn.Linear`` once; returns ``site -> AdaptedLinear``."""
+    done = backbone.meta.get("adapted_layers")
+    if done:  # already wrapped (and not a copy sharing ``meta`` with another model): one lookup
+        site, layer = next(iter(done.items()))
+        if backbone.model.get_submodule(site) is layer:
+            return done
     layers = {}
     for site, specs in backbone.blocks.sites().items():
         module = backbone.model.get_submodule(site)
@@ -21,6 +26,7 @@ def inject(backbone: Backbone) -> dict[str, AdaptedLinear]:
             module = AdaptedLinear(module, site, specs)
             setattr(backbone.model.get_submodule(parent), child, module)
         layers[site] = module
+    backbone.meta["adapted_layers"] = layers
     return layers
 
 

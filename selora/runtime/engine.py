@@ -4,7 +4,7 @@ Requests (any adapter, or the base; images or texts) are queued as jobs. The bat
 takes queued jobs up to ``max_batch_size`` rows, waiting at most ``max_wait_ms`` after the
 oldest job arrived for the batch to fill, and runs the batch on the single forward thread: per
 modality one forward, its rows grouped by adapter (``plan_rows``) and its per-layer metadata
-built once (``build_batch``) — the same computation as ``selora.runtime.batch.forward_mixed``.
+built once (``build_batch``), through ``selora.runtime.batch.forward_mixed``.
 Image decoding and preprocessing run on a separate thread pool, never on the event loop. The
 queue is bounded in rows: a request that does not fit is refused with ``OverloadedError``.
 """
@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from selora.adapters.inject import inject
-from selora.adapters.layer import use_batch
 from selora.models.factory import Backbone
 from selora.models.prompts import zero_shot_weights
-from selora.runtime.batch import DeviceAdapter, build_batch, plan_rows
+from selora.runtime.batch import DeviceAdapter, forward_mixed
 from selora.runtime.inputs import InputError, Limits, preprocess_images, tokenize_texts
 from selora.runtime.registry import AdapterRecord, AdapterRegistry
 
@@ -246,14 +245,8 @@ class Engine:
         out = self._encode(modality, inputs, adapters, row_adapter).cpu()
         return list(out.split([j.rows for j in jobs]))
 
-    @torch.no_grad()
     def _encode(self, modality: str, inputs: torch.Tensor, adapters: list[DeviceAdapter], row_adapter: list[int]) -> torch.Tensor:
-        plan = plan_rows(row_adapter)
-        batch = build_batch(adapters, plan.groups)  # once per batch, read by every layer
-        encode = self.backbone.encode_image if modality == "image" else self.backbone.encode_text
-        with use_batch(batch):
-            out = encode(inputs[plan.order.to(inputs.device)])
-        return out[plan.inverse.to(out.device)]
+        return forward_mixed(self.backbone, inputs, adapters, row_adapter, modality)  # metadata built once per batch
 
     def _zero_shot_weights(self, record: AdapterRecord | None, labels: tuple[str, ...]) -> torch.Tensor:
         """Forward thread: class weights from prompt templates, text tower under the adapter."""

@@ -70,3 +70,19 @@ def test_budget_limits_active_blocks(tiny_vit):
         adapter.scores.copy_(torch.linspace(0.2, 0.9, len(adapter.block_ids)))
     assert adapter.active_blocks() == adapter.block_ids[-3:]
     assert adapter.gates().sum().item() == 3
+
+
+def test_inject_is_idempotent_and_wraps_copies(tiny_vit):
+    import copy
+    import dataclasses
+
+    from selora.adapters import AdaptedLinear
+
+    layers = inject(tiny_vit)
+    assert inject(tiny_vit) is layers and all(isinstance(m, AdaptedLinear) for m in layers.values())
+    fresh = dataclasses.replace(tiny_vit, model=copy.deepcopy(tiny_vit.model))
+    for site, layer in layers.items():  # unwrap the copy: it shares ``meta`` but not modules
+        parent, _, child = site.rpartition(".")
+        setattr(fresh.model.get_submodule(parent), child, fresh.model.get_submodule(site).base)
+    copied = inject(fresh)
+    assert copied is not layers and all(fresh.model.get_submodule(s) is m for s, m in copied.items())

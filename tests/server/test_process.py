@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -77,12 +78,19 @@ def test_not_ready_while_loading_or_after_a_failed_load(tmp_path):
 
 def test_overload_answers_429_with_retry_after(tmp_path, tiny_vit):
     async def flood(client):
+        busy = threading.Event()  # hold the forward thread so the queue cannot drain meanwhile
+        app.state.engine._forward_pool.submit(busy.wait)
         body = {"model": "base", "input": [image_b64(0)]}
-        return await asyncio.gather(*(client.post("/v1/embeddings", json=body) for _ in range(10)))
+        tasks = [asyncio.create_task(client.post("/v1/embeddings", json=body)) for _ in range(10)]
+        deadline = time.monotonic() + 30
+        while sum(t.done() for t in tasks) < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # 2 rows in the held batch + 3 queued; the other 5 are refused
+        busy.set()
+        return await asyncio.gather(*tasks)
 
-    app = make_app(tiny_vit, tmp_path, max_batch_size=2, max_wait_ms=300.0, max_queue=3)
+    app = make_app(tiny_vit, tmp_path, max_batch_size=2, max_wait_ms=1.0, max_queue=3)
     responses = run_with_client(app, flood)
     statuses = sorted(r.status_code for r in responses)
-    assert set(statuses) == {200, 429}
+    assert statuses == [200] * 5 + [429] * 5
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "overloaded"
