@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from selora.kernels.batch import META_FIELDS, LayerBatch, LoraEntry
@@ -169,6 +170,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """``x·W0ᵀ + b`` plus the LoRA/DoRA work of ``layer`` (semantics in the module docstring)."""
     if layer is None:
         return F.linear(x, weight, bias)
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and _get_current_dispatch_mode() is None \
+            and kernel_backend(x.device) == "torch":
+        # Eager CPU inference: call the op's implementation directly, skipping ~0.1 ms of custom-op
+        # dispatch per layer. Under FlopCounterMode (a dispatch mode), tracing or autograd the
+        # registered op runs, so counting and compiling see exactly the same computation.
+        return lora_linear_reference(x, weight, bias, layer)
     return torch.ops.selora.lora_linear(
         x, weight, bias, layer.lora_a, layer.lora_bt, layer.scales, layer.meta, layer.dora_factor,
         host_meta(layer), [e.scale for e in layer.entries],
