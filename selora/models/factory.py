@@ -107,8 +107,8 @@ def _load_open_clip(model_id: str, cfg: dict, weights: str | None):
         open_clip.factory._MODEL_CONFIGS[name] = cfg["model_cfg"]
     if name not in open_clip.list_models():
         raise ModelError(f"unknown open_clip config {name!r}")
-    if weights is not None and Path(weights).suffix not in (".safetensors", "") and Path(weights).exists():
-        raise ModelError(f"{weights}: only safetensors weight files are read")
+    if weights is not None and Path(weights).exists() and Path(weights).suffix != ".safetensors":
+        raise ModelError(f"{weights}: only .safetensors weight files are read (never a pickle checkpoint)")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
     except RuntimeError as e:  # unknown tag (open_clip would try to download) or bad file

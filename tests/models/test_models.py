@@ -92,3 +92,27 @@ def test_kinds_cover_every_site(tiny_vit):
     kinds = {s.kind for s in tiny_vit.blocks.values()}
     assert kinds == set(KINDS)
     assert len(tiny_vit.blocks.sites()) == 2 * 4
+
+
+def test_local_safetensors_weights_load_for_both_libraries(tmp_path):
+    from safetensors.torch import save_file
+
+    original = _fresh_open_clip()  # open_clip's own parameter names (attn.in_proj_weight, ...)
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, tmp_path / "clip.safetensors")
+    clip = load_backbone("tiny-clip", weights=str(tmp_path / "clip.safetensors"))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(images), original.encode_image(images), atol=1e-5, rtol=0)
+
+    vit = load_backbone("tiny-vit")
+    save_file(vit.model.state_dict(), tmp_path / "vit.safetensors")
+    again = load_backbone("tiny-vit", weights=str(tmp_path / "vit.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(again.encode_image(images), vit.encode_image(images))
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"\x80\x04K\x01.")
+    for model in ("tiny-clip", "tiny-vit"):
+        with pytest.raises(ModelError, match="safetensors"):
+            load_backbone(model, weights=str(tmp_path / "w.pt"))
