@@ -46,13 +46,13 @@ def to_device(adapter: SparseAdapter, backbone: Backbone, device=None, dtype=Non
     sites: dict[str, list[DeviceBlock]] = {}
     for b, w in adapter.blocks.items():
         spec = backbone.blocks[b]
-        a, bm = w.lora_A.float(), w.lora_B.float()
+        a, bm = w.lora_A.to(device, torch.float32), w.lora_B.to(device, torch.float32)
         factor = None
-        if adapter.variant == "dora":
+        if adapter.variant == "dora":  # computed once here, in fp32, where the base weight lives
             w0 = backbone.model.get_submodule(spec.site).weight[spec.out_start : spec.out_start + spec.d_out]
-            norm = (w0.float().cpu() + adapter.scale * (bm @ a)).norm(dim=1)
-            factor = (w.magnitude.float() / norm).to(device, dtype)
-        blk = DeviceBlock(b, spec.out_start, a.to(device, dtype), bm.t().contiguous().to(device, dtype), adapter.scale, factor)
+            norm = (w0.to(device, torch.float32) + adapter.scale * (bm @ a)).norm(dim=1)
+            factor = (w.magnitude.to(device, torch.float32) / norm).to(dtype)
+        blk = DeviceBlock(b, spec.out_start, a.to(dtype), bm.t().contiguous().to(dtype), adapter.scale, factor)
         sites.setdefault(spec.site, []).append(blk)
     head = None
     if adapter.head_weight is not None:
