@@ -64,10 +64,6 @@ class LayerBatch:
     def num_entries(self) -> int:
         return len(self.entries)
 
-    @property
-    def total_rank(self) -> int:
-        return self.lora_a.shape[0]
-
 
 def pack_layer(work: list[tuple[int, int, DeviceBlock]]) -> LayerBatch:
     """Stack ``(item_start, item_end, block)`` triples into one ``LayerBatch``."""

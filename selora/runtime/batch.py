@@ -82,11 +82,6 @@ def plan_rows(row_adapter: Sequence[int]) -> RowPlan:
 @dataclass
 class ModelBatch:
     layers: dict[str, LayerBatch] = field(default_factory=dict)  # site -> LoRA work; absent: base GEMM only
-    groups: list[tuple[int, int, int]] = field(default_factory=list)
-
-    @property
-    def has_lora(self) -> bool:
-        return bool(self.layers)
 
 
 def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int, int, int]]) -> ModelBatch:
@@ -96,7 +91,7 @@ def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int
             continue
         for site, blocks in adapters[idx].sites.items():
             work.setdefault(site, []).extend((start, end, blk) for blk in blocks)
-    return ModelBatch({site: pack_layer(w) for site, w in work.items()}, groups)
+    return ModelBatch({site: pack_layer(w) for site, w in work.items()})
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ def test_block_no_row_uses_costs_nothing(tiny_vit):
     a = to_device(export_adapter(make_adapter(tiny_vit, active=["vision.1.fc2"]), "t", tiny_vit.fingerprint), tiny_vit)
     batch = build_batch([a], plan_rows([0, -1]).groups)
     assert list(batch.layers) == ["blocks.1.mlp.fc2"]
-    assert not build_batch([a], plan_rows([-1, -1]).groups).has_lora
+    assert build_batch([a], plan_rows([-1, -1]).groups).layers == {}
 
 
 @pytest.mark.parametrize("backbone_name", ["tiny_vit", "tiny_clip"])
