@@ -6,11 +6,20 @@ Design. One program per output tile ``y[m0:m0+BM, n0:n0+BN]``:
 
 1. the base K-loop ``acc = x[m-tile] · W0[n-tile]ᵀ`` (fp32 accumulator, grouped tile order);
 2. epilogue: for every entry whose rectangle (its item rows × its block's columns) meets the
-   tile, ``t = s · Bᵀ_e[:, n-tile]`` where ``s = x[m-tile] · A_eᵀ`` (rank in chunks of
-   ``BLOCK_R``), masked to the rectangle: ``acc += scale_e·t``, and for DoRA the tile's factor
-   ``f_e`` is kept so that ``y = f ⊙ acc + b`` (bias after the factor). Entries are disjoint
-   rectangles, so one pass suffices; base-only rows and inactive blocks meet no entry and cost
-   only the scalar test of the entry loop (E ≤ adapters × blocks of the site, a few hundred).
+   tile, the expand accumulates into the base tile itself: ``acc = s · Bᵀ_e[:, n-tile] + acc``
+   with ``s = scale_e · x[m-tile] · A_eᵀ`` (rank in chunks of ``BLOCK_R``). ``s`` is zero outside
+   the entry's rows and ``Bᵀ`` outside its columns (masked loads), so this adds exactly the
+   rectangle and nothing needs masking afterwards; for DoRA the rectangle is then multiplied by
+   ``f_e`` (entries are disjoint: each element meets at most one factor), and the bias comes
+   last. Entries are disjoint rectangles, so one pass suffices; base-only rows and inactive
+   blocks meet no entry and cost only the scalar test of the entry loop (E ≤ adapters × blocks
+   of the site, a few hundred).
+
+   Registers decide this design: one ``BLOCK_M × BLOCK_N`` fp32 tile lives through the
+   epilogue, not three. The first version kept the LoRA term and the DoRA factors in tiles of
+   their own; compiled for sm_90 (``benchmarks/kernel_compile.py``, no GPU needed) it spilled in
+   12 of the 14 bf16 tile × {LoRA, DoRA} pairs at r = 16 (up to 3.7 KB per thread); this one
+   spills in none of the tiles the config file lists (``results/kernel_compile_sm_90.md``).
 3. where does ``s`` come from? Two modes, chosen per call by the largest rank of the layer
    (threshold ``fused_shrink_max_rank`` in the per-GPU config data):
 
@@ -20,15 +29,17 @@ Design. One program per output tile ``y[m0:m0+BM, n0:n0+BN]``:
      tile's base FLOPs: for r ≤ 16, BN = 128, K = 768 that is ≈ 14 % on touched tiles, so
      ≈ 0.7 % of the layer at 5 % active blocks, and no second launch, no ``s`` round trip;
    - *split shrink* (large ranks, **two launches**): a grouped shrink kernel writes
-     ``s_e = x[rows_e]·A_eᵀ`` once per entry (compact buffer, ``item_rank_offset`` in the
+     ``s_e = scale_e · x[rows_e]·A_eᵀ`` once per entry (compact buffer, ``item_rank_offset`` in the
      metadata), and the fused kernel reads it in the epilogue. At r = 256 the recomputation
      above would cost ``256/128 = 2×`` the base GEMM, more than unfused torch LoRA (≈ 0.67×
      for a q/k/v layer), while the split shrink is its true 2·rows·d_in·r once (+ one
      rows×r write/read, small next to the x and W0 streams).
 
    Arithmetic intensity argues the crossover sits between r = 16 and r = 64; the default
-   threshold is 32. **No GPU was available in the session that wrote this kernel**, so the
-   crossover, the tile configs and the targets of issue 3 are unmeasured. To confirm on a GPU:
+   threshold is 32. **No GPU was available in the sessions that wrote this kernel**, so the
+   crossover, the tile speeds and the targets of issue 3 are unmeasured; what could be known
+   without one is: the kernel compiles for sm_90 and sm_80 in fp32, fp16 and bf16, and which
+   tiles fit the register file per dtype (the config file lists only those). To confirm on a GPU:
    ``benchmarks/kernel.py`` — the ratio to ``F.linear`` at r = 16 with 5 % and 100 % active
    blocks for both modes (force with ``SELORA_SPLIT_SHRINK_RANK``), the rank at which the two
    modes cross, and achieved TFLOP/s of the base K-loop against cuBLAS (the fused kernel must
@@ -39,7 +50,9 @@ The interpreter (``TRITON_INTERPRET=1``) runs the very same kernel function on C
 (built with ``InterpretedFunction``, independent of import order; so the kernels call no
 ``@triton.jit`` helper of ``triton.language.standard`` such as ``tl.cdiv`` or ``tl.zeros``, which stays compiled
 when triton was imported without the variable); every ``tl.dot`` is at least
-16 × 16 × 16 (ranks padded by masking to ``BLOCK_R`` ≥ 16) so the code is valid on real GPUs.
+16 × 16 × 16 (ranks padded by masking to ``BLOCK_R`` ≥ 16). The interpreter accepts code the GPU
+compiler rejects, so ``selora.kernels.aot`` also compiles the same launches for sm_90/sm_80 on
+any machine (``tests/kernels/test_aot.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ import json
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +74,7 @@ from selora.kernels.batch import META_COLUMNS, LayerBatch
 CONFIG_DIR = Path(__file__).with_name("configs")
 LAUNCHES: Counter = Counter()  # kernel name -> launches in this process (tests read it)
 META_STRIDE = len(META_COLUMNS)
+TILE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_SIZE_M")  # the tuned constexprs of the fused kernel
 
 
 def launch_count() -> int:
@@ -104,8 +119,6 @@ def _lora_linear_kernel(
                      mask=(offs_n[None, :] < N) & (k[:, None] < K), other=0.0)
         acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
 
-    if HAS_DORA:
-        fac = tl.full((BLOCK_M, BLOCK_N), 1.0, dtype=tl.float32)
     for e in range(0, NUM_ENTRIES):
         row = meta_ptr + e * META_STRIDE
         row_start = tl.load(row + 0) * TOKENS
@@ -114,14 +127,16 @@ def _lora_linear_kernel(
         if (row_start < m_lo + BLOCK_M) & (row_end > m_lo) & (col_start < n_lo + BLOCK_N) & (col_start + OUT_SIZE > n_lo):
             rank_start = tl.load(row + 3)
             rank = tl.load(row + 4)
+            scale = tl.load(scales_ptr + e)
             row_in = (offs_m >= row_start) & (offs_m < row_end)
             col_in = (offs_n >= col_start) & (offs_n < col_start + OUT_SIZE)
             cols = offs_n - col_start
-            t = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+            # s is zero outside the entry's rows and Bᵀ outside its columns, so the expand
+            # accumulates into the base tile directly: no second tile, nothing to mask afterwards.
             for r0 in range(0, rank, BLOCK_R):
                 r_in = (r0 + offs_r) < rank
                 ranks = rank_start + r0 + offs_r
-                if SPLIT_SHRINK:
+                if SPLIT_SHRINK:  # the shrink kernel stored scale · x·Aᵀ
                     s_base = s_ptr + tl.load(row + 5) * TOKENS
                     s = tl.load(s_base + (offs_m - row_start)[:, None] * rank + (r0 + offs_r)[None, :],
                                 mask=row_in[:, None] & r_in[None, :], other=0.0)
@@ -134,17 +149,13 @@ def _lora_linear_kernel(
                         at = tl.load(a_ptr + ranks[None, :] * stride_ar + k[:, None] * stride_ak,
                                      mask=r_in[None, :] & (k[:, None] < K), other=0.0)
                         s_acc = tl.dot(xt, at, s_acc, input_precision=DOT_PRECISION)
-                    s = s_acc.to(y_ptr.dtype.element_ty)
+                    s = (s_acc * scale).to(y_ptr.dtype.element_ty)
                 bt = tl.load(bt_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bs,
                              mask=r_in[:, None] & col_in[None, :], other=0.0)
-                t = tl.dot(s, bt, t, input_precision=DOT_PRECISION)
-            region = row_in[:, None] & col_in[None, :]
-            acc = tl.where(region, acc + t * tl.load(scales_ptr + e), acc)
-            if HAS_DORA:
+                acc = tl.dot(s, bt, acc, input_precision=DOT_PRECISION)
+            if HAS_DORA:  # entries are disjoint: each element meets at most one factor
                 f = tl.load(factor_ptr + e * stride_fe + cols, mask=col_in, other=1.0).to(tl.float32)
-                fac = tl.where(region, f[None, :], fac)
-    if HAS_DORA:
-        acc = acc * fac
+                acc *= tl.where(row_in[:, None], f[None, :], 1.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
@@ -153,7 +164,7 @@ def _lora_linear_kernel(
 
 def _lora_shrink_kernel(
     # pointers
-    x_ptr, a_ptr, meta_ptr, s_ptr,
+    x_ptr, a_ptr, scales_ptr, meta_ptr, s_ptr,
     # sizes
     K, TOKENS,
     # strides
@@ -163,7 +174,7 @@ def _lora_shrink_kernel(
     # tuning
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """``s_e[rows_e, r_e] = x[rows_e] · A_eᵀ`` for entry ``program_id(0)``, one (rows, rank) tile."""
+    """``s_e[rows_e, r_e] = scale_e · x[rows_e] · A_eᵀ`` for entry ``program_id(0)``, one (rows, rank) tile."""
     e = tl.program_id(0)
     row = meta_ptr + e * META_STRIDE
     row_start = tl.load(row + 0) * TOKENS
@@ -187,7 +198,7 @@ def _lora_shrink_kernel(
             acc = tl.dot(xt, at, acc, input_precision=DOT_PRECISION)
         s_base = s_ptr + tl.load(row + 5) * TOKENS
         tl.store(s_base + (offs_m - row_start)[:, None] * rank + offs_r[None, :],
-                 acc.to(s_ptr.dtype.element_ty), mask=m_in[:, None] & r_in[None, :])
+                 (acc * tl.load(scales_ptr + e)).to(s_ptr.dtype.element_ty), mask=m_in[:, None] & r_in[None, :])
 
 
 def _slug(name: str) -> str:
@@ -207,10 +218,7 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose epilogue tile (BLOCK_M × BLOCK_R) would not fit in registers."""
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_R"] <= 128 * 64]
-    return kept or configs[:1]
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @functools.cache
@@ -222,18 +230,35 @@ def _kernels(device_name: str):
         return InterpretedFunction(_lora_linear_kernel), InterpretedFunction(_lora_shrink_kernel)
     from triton.runtime.jit import JITFunction
 
-    configs = [
-        triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_SIZE_M")},
-                      num_warps=c["num_warps"], num_stages=c["num_stages"])
-        for c in tuning(device_name)["configs"]
-    ]
+    tuned = tuning(device_name)["configs"]
+    configs = [triton.Config({k: c[k] for k in TILE}, num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in tuned]
+    dtypes = {id(cfg): set(c.get("dtypes", DTYPE_NAMES.values())) for cfg, c in zip(configs, tuned)}
+
+    def listed_for_dtype(configs, named_args, **kwargs):
+        """Autotune only the configs listed for this call's dtype (they compile without spills)."""
+        name = DTYPE_NAMES[named_args["x_ptr"].dtype]
+        return [c for c in configs if name in dtypes[id(c)]] or configs[:1]
+
     fused = triton.autotune(configs, key=["M_BUCKET", "N", "K", "OUT_SIZE", "SPLIT_SHRINK", "HAS_DORA"],
-                            prune_configs_by={"early_config_prune": _prune})(JITFunction(_lora_linear_kernel))
+                            prune_configs_by={"early_config_prune": listed_for_dtype})(JITFunction(_lora_linear_kernel))
     return fused, JITFunction(_lora_shrink_kernel)
 
 
-def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch) -> torch.Tensor:
-    """Launch the fused kernel(s) for one layer; validates shapes, dtypes and metadata."""
+@dataclass
+class Launch:
+    """One kernel launch of a layer call: everything but the grid and the tuned tile."""
+
+    name: str  # "lora_shrink" | "lora_linear"
+    args: tuple  # positional runtime arguments
+    flags: dict  # feature constexprs (the tile comes from the tuning data)
+
+
+def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch,
+         cfg: dict) -> tuple[torch.Tensor, list[Launch]]:
+    """Validate one layer call and build its output and launches (shrink first when split).
+
+    Shared by the launch below and by ``selora.kernels.aot``, which compiles the same launches
+    for a GPU architecture without one."""
     from selora.kernels.ops import KernelBackendError
 
     d_out, d_in = weight.shape
@@ -244,8 +269,7 @@ def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise ValueError("lora_linear: x, weight, bias and the adapter tensors must share one dtype and device")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"lora_linear: unsupported dtype {x.dtype}")
-    device_name = _device_name(x.device)
-    if device_name == "interpreter" and x.dtype == torch.bfloat16:
+    if cfg["source"] == "interpreter.json" and x.dtype == torch.bfloat16:
         raise KernelBackendError("bf16 is not supported by the Triton interpreter (its tl.dot is wrong for bf16)")
     entries = layer.entries
     if max(e.item_end for e in entries) > x.shape[0] or max(e.out_start for e in entries) + layer.out_size > d_out:
@@ -257,36 +281,53 @@ def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     M, tokens = x2.shape[0], x2.shape[0] // max(x.shape[0], 1)
     y = torch.empty((M, d_out), dtype=x.dtype, device=x.device)
     if M == 0:
-        return y.view(*x.shape[:-1], d_out)
-    cfg = tuning(device_name)
-    split_rank = int(os.environ.get("SELORA_SPLIT_SHRINK_RANK", cfg["fused_shrink_max_rank"]))
-    max_rank = max(e.rank for e in entries)
-    split = max_rank > split_rank
+        return y, []
+    split = max(e.rank for e in entries) > int(os.environ.get("SELORA_SPLIT_SHRINK_RANK", cfg["fused_shrink_max_rank"]))
     precision = "ieee" if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
-    fused, shrink = _kernels(device_name)
     a, bt = layer.lora_a, layer.lora_bt
-    s = y  # placeholder pointer when the shrink is fused (never read)
+    launches, s = [], y  # s: placeholder pointer when the shrink is fused (never read)
     if split:
-        sh = cfg["shrink"]
         s = torch.empty(tokens * sum((e.item_end - e.item_start) * e.rank for e in entries), dtype=x.dtype, device=x.device)
-        max_rows = max(e.item_end - e.item_start for e in entries) * tokens
-        grid = (len(entries), triton.cdiv(max_rows, sh["BLOCK_M"]), triton.cdiv(max_rank, sh["BLOCK_R"]))
-        shrink[grid](x2, a, layer.meta, s, d_in, tokens, x2.stride(0), x2.stride(1), a.stride(0), a.stride(1),
-                     META_STRIDE=META_STRIDE, DOT_PRECISION=precision, BLOCK_M=sh["BLOCK_M"],
-                     BLOCK_K=sh["BLOCK_K"], BLOCK_R=sh["BLOCK_R"], num_warps=sh.get("num_warps", 4))
-        LAUNCHES["lora_shrink"] += 1
+        launches.append(Launch("lora_shrink", (x2, a, layer.scales, layer.meta, s, d_in, tokens, x2.stride(0),
+                                               x2.stride(1), a.stride(0), a.stride(1)),
+                               dict(META_STRIDE=META_STRIDE, DOT_PRECISION=precision)))
     factor = layer.dora_factor if layer.dora_factor is not None else layer.scales
     args = (x2, weight, bias if bias is not None else y, y, a, bt, layer.scales, layer.meta, factor, s,
             M, d_out, d_in, layer.out_size, len(entries), tokens, triton.next_power_of_2(M),
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
             a.stride(0), a.stride(1), bt.stride(0), bt.stride(1), factor.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, HAS_DORA=layer.dora_factor is not None, SPLIT_SHRINK=split,
-                 META_STRIDE=META_STRIDE, DOT_PRECISION=precision)
-    if device_name == "interpreter":
-        tile = cfg["configs"][0]
-        grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(d_out, tile["BLOCK_N"]),)
-        fused[grid](*args, **flags, **{k: tile[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_SIZE_M")})
-    else:
-        fused[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)](*args, **flags)
-    LAUNCHES["lora_linear"] += 1
+    launches.append(Launch("lora_linear", args, dict(
+        HAS_BIAS=bias is not None, HAS_DORA=layer.dora_factor is not None, SPLIT_SHRINK=split,
+        META_STRIDE=META_STRIDE, DOT_PRECISION=precision)))
+    return y, launches
+
+
+
+def shrink_grid(layer: LayerBatch, tokens: int, tile: dict) -> tuple[int, int, int]:
+    """(entries, row tiles of the largest entry, rank tiles of the largest rank)."""
+    max_rows = max(e.item_end - e.item_start for e in layer.entries) * tokens
+    return len(layer.entries), triton.cdiv(max_rows, tile["BLOCK_M"]), triton.cdiv(max(e.rank for e in layer.entries), tile["BLOCK_R"])
+
+
+def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch) -> torch.Tensor:
+    """Launch the fused kernel(s) for one layer; validates shapes, dtypes and metadata."""
+    device_name = _device_name(x.device)
+    cfg = tuning(device_name)
+    y, launches = plan(x, weight, bias, layer, cfg)
+    fused, shrink = _kernels(device_name)
+    M, d_out = y.shape
+    for launch in launches:
+        if launch.name == "lora_shrink":
+            sh = cfg["shrink"]
+            tokens = launch.args[6]
+            shrink[shrink_grid(layer, tokens, sh)](*launch.args, **launch.flags, BLOCK_M=sh["BLOCK_M"], BLOCK_K=sh["BLOCK_K"],
+                                                   BLOCK_R=sh["BLOCK_R"], num_warps=sh.get("num_warps", 4),
+                                                   num_stages=sh.get("num_stages", 3))
+        elif device_name == "interpreter":
+            tile = cfg["configs"][0]
+            grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(d_out, tile["BLOCK_N"]),)
+            fused[grid](*launch.args, **launch.flags, **{k: tile[k] for k in TILE})
+        else:
+            fused[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)](*launch.args, **launch.flags)
+        LAUNCHES[launch.name] += 1
     return y.view(*x.shape[:-1], d_out)
