@@ -5,8 +5,9 @@ dtype, LoRA and DoRA, and both shrink modes (fused at rank 16, split at rank 256
 of one ViT-B/16 MLP layer (768 → 3072, 64 images × 197 tokens, 32 adapters, every block active)
 are compiled for ``--arch`` exactly as the JIT would compile them there
 (``selora.kernels.aot``), and ``ptxas -v`` reports registers per thread, spilled bytes and
-shared memory. A config is fit for a dtype when none of its four variants spills: those are the
-``dtypes`` the config file lists. No kernel runs: this needs no GPU, and says nothing of speed.
+shared memory; the PTX tells whether the dots became Hopper ``wgmma`` or Ampere ``mma.sync``.
+A config is fit for a dtype when none of its four variants spills: those are the ``dtypes`` the
+config file lists. No kernel runs: this needs no GPU, and says nothing of speed.
 
     .venv/bin/python benchmarks/kernel_compile.py                 # sm_90 (H100/H200)
     .venv/bin/python benchmarks/kernel_compile.py --arch sm_80    # A100
@@ -93,10 +94,12 @@ def summarize(report: dict) -> list[dict]:
     out = {}
     for r in report["rows"]:
         key = (r["kernel"], tile_name(r["tile"]), r["dtype"])
-        s = out.setdefault(key, dict(kernel=key[0], tile=key[1], dtype=key[2], listed=r["listed"], registers=0, spill_bytes=0, shared=0))
+        s = out.setdefault(key, dict(kernel=key[0], tile=key[1], dtype=key[2], listed=r["listed"], registers=0, spill_bytes=0, shared=0,
+                                           tensor_cores=set()))
         s["registers"] = max(s["registers"], r["registers"])
         s["spill_bytes"] = max(s["spill_bytes"], r["spill_stores"] + r["spill_loads"])
         s["shared"] = max(s["shared"], r["shared_bytes"])
+        s["tensor_cores"].add(r["tensor_cores"])
     return list(out.values())
 
 
@@ -114,11 +117,11 @@ def write(report: dict, stem: Path) -> None:
              "- per thread; the worst of the four variants. *listed*: the config file offers this tile to "
              "the autotuner for this dtype. Fit = no spill in any variant.", "",
              f"Config file agrees with the compiler (listed ⇔ no spill): **{'yes' if not mismatched else 'no: ' + ', '.join(s['tile'] + ' ' + s['dtype'] for s in mismatched)}**",
-             "", "| kernel | tile (M×N×K×R, warps, stages) | dtype | listed | registers | spilled bytes | shared KiB |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| kernel | tile (M×N×K×R, warps, stages) | dtype | listed | registers | spilled bytes | shared KiB | dots as |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['kernel']} | {s['tile']} | {s['dtype']} | {'yes' if s['listed'] else 'no'} | {s['registers']} | "
-                     f"{s['spill_bytes'] or '0'} | {s['shared'] / 1024:.0f} |")
+                     f"{s['spill_bytes'] or '0'} | {s['shared'] / 1024:.0f} | {', '.join(sorted(s['tensor_cores']))} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -5,9 +5,9 @@ launches that ``triton_lora.plan`` builds for real (CPU) tensors compile for sm_
 or sm_80 (A100) anywhere, specialised exactly as the JIT specialises them at launch (arguments
 equal to 1 become constants, 16-aligned pointers and sizes are marked), one tuning config at a
 time. ``ptxas -v`` then reports what decides whether a tile can be fast: registers per thread,
-bytes spilled to local memory, shared memory. The interpreter accepts code the GPU compiler
-rejects, so this is also the check that the kernel is valid GPU code; and it sorts out spilling
-tiles before any GPU time is spent. Nothing here runs a kernel: speed still needs a GPU.
+bytes spilled to local memory, shared memory; the PTX shows which tensor-core instructions the
+dots became. The interpreter accepts code the GPU compiler rejects, so this is also the check
+that the kernel is valid GPU code; and it sorts out spilling tiles before any GPU time is spent. Nothing here runs a kernel: speed still needs a GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Compiled:
     spill_stores: int  # bytes per thread
     spill_loads: int
     shared_bytes: int  # per program, as Triton allocates it
+    tensor_cores: str  # how the dots are issued: "wgmma" (Hopper), "mma.sync" (Ampere), "none"
     seconds: float
 
     @property
@@ -79,8 +80,10 @@ def compile_launch(launch: triton_lora.Launch, constexprs: dict, num_warps: int,
     start = time.perf_counter()
     kernel = compile(ASTSource(fn, signature, consts, attrs), target=target, options=options.__dict__)
     seconds = time.perf_counter() - start
-    return Compiled(launch.name, arch, shared_bytes=kernel.metadata.shared, seconds=round(seconds, 2),
-                    **_ptxas_report(kernel.asm["ptx"], capability))
+    ptx = kernel.asm["ptx"]
+    tensor_cores = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    return Compiled(launch.name, arch, shared_bytes=kernel.metadata.shared, tensor_cores=tensor_cores,
+                    seconds=round(seconds, 2), **_ptxas_report(ptx, capability))
 
 
 def compile_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch,

@@ -48,3 +48,13 @@ def test_autotuner_offers_each_dtype_only_its_listed_configs():
         assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == \
             [(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in expected]
         assert kept
+
+
+def test_dots_use_each_architectures_tensor_cores():
+    # wgmma needs a warp group of 4 warps on at least 64 rows: a Hopper-sized tile.
+    tile = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 16, "GROUP_SIZE_M": 4, "num_warps": 4, "num_stages": 3}
+    tuning = TUNING | {"configs": [tile]}
+    run = build_case(CASES[0]).to(torch.bfloat16)
+    [(_, hopper)] = aot.compile_layer(run.x, run.weight, run.bias, run.layer, tuning, "sm_90")
+    [(_, ampere)] = aot.compile_layer(run.x, run.weight, run.bias, run.layer, tuning, "sm_80")
+    assert (hopper.tensor_cores, ampere.tensor_cores) == ("wgmma", "mma.sync")
