@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from selora.adapters.config import AdapterConfig, ConfigError
 from selora.adapters.data import DataError, ImageSet, load_split, to_pixels
-from selora.adapters.format import AdapterError, SparseAdapter, load_adapter
+from selora.adapters.format import AdapterError, SparseAdapter, head_logits, load_adapter
 from selora.adapters.inject import attached
 from selora.adapters.lora import GatedAdapter, _key
 from selora.models import ModelError, load_backbone
@@ -82,8 +82,9 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def classify_top1(head: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> float:
-    return top1(head(feats.to(head.weight.dtype)), labels)
+def classify_top1(adapter: GatedAdapter, feats: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 of the adapter's head, applied as the server applies it."""
+    return top1(head_logits(adapter.head.weight, adapter.head.bias, feats, adapter.head_input), labels)
 
 
 @torch.no_grad()
@@ -147,6 +148,7 @@ def adapter_from_sparse(sparse: SparseAdapter, backbone) -> GatedAdapter:
         if adapter.head is not None:
             adapter.head.weight.copy_(sparse.head_weight)
             adapter.head.bias.copy_(sparse.head_bias)
+    adapter.head_input = sparse.head_input
     return adapter.eval().requires_grad_(False)
 
 
@@ -174,7 +176,7 @@ def evaluate(backbone, adapter: GatedAdapter, dataset: str, retention: str | Non
         cache["retrieval_before"] = class_retrieval(backbone, test, size)
     with attached(backbone, adapter):
         if adapter.head is not None:
-            result["id_top1"] = classify_top1(adapter.head, batched_embed(backbone, test, size), test.labels)
+            result["id_top1"] = classify_top1(adapter, batched_embed(backbone, test, size), test.labels)
         if retention is not None:
             result["retention_after"] = knn_top1(batched_embed(backbone, bank, size), bank.labels,
                                                  batched_embed(backbone, query, size), query.labels, n)

@@ -82,6 +82,20 @@ class BlockWeights:
     magnitude: torch.Tensor | None = None  # [d_out], DoRA only
 
 
+# What a classification head applies to: the embedding as served ("raw", the ``classify``
+# recipe trains it so), or its L2-normalised form ("normalized": a CLIP zero-shot head, whose
+# weights are unit text embeddings times the logit scale). Absent means "raw".
+HEAD_INPUTS = ("raw", "normalized")
+
+
+def head_logits(weight: torch.Tensor, bias: torch.Tensor, feats: torch.Tensor, head_input: str) -> torch.Tensor:
+    """The head's logits for ``feats`` [n, embed_dim], in fp32."""
+    feats = feats.float()
+    if head_input == "normalized":
+        feats = torch.nn.functional.normalize(feats, dim=-1)
+    return feats @ weight.float().t() + bias.float()
+
+
 @dataclass
 class SparseAdapter:
     """A validated adapter in host memory: only its active blocks."""
@@ -96,6 +110,7 @@ class SparseAdapter:
     head_classes: list[str] | None = None
     head_weight: torch.Tensor | None = None
     head_bias: torch.Tensor | None = None
+    head_input: str = "raw"  # what the head applies to: one of HEAD_INPUTS
 
     @property
     def scale(self) -> float:
@@ -130,7 +145,7 @@ class SparseAdapter:
             "lora_alpha": self.lora_alpha,
             "blocks": list(self.blocks),
             "gate": self.gate,
-            "head": None if self.head_classes is None else {"classes": self.head_classes},
+            "head": None if self.head_classes is None else {"classes": self.head_classes, "input": self.head_input},
         }
 
 
@@ -205,6 +220,8 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, table: BlockTable |
         classes = head.get("classes") if isinstance(head, dict) else None
         if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
             raise ConfigFileError("head.classes must be a non-empty list of class names")
+        if head.get("input", "raw") not in HEAD_INPUTS:
+            raise ConfigFileError(f"head.input must be one of {list(HEAD_INPUTS)}, got {head.get('input')!r}")
         for n in ("head.weight", "head.bias"):
             if n not in tensors:
                 raise MissingTensorError(f"tensor {n} is missing for the classification head")
@@ -219,6 +236,7 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, table: BlockTable |
     return SparseAdapter(
         cfg["base_model"], cfg["base_fingerprint"], variant, r, float(cfg["lora_alpha"]), blocks,
         cfg.get("gate") or {}, head["classes"] if head else None, weight, bias,
+        head.get("input", "raw") if head else "raw",
     )
 
 

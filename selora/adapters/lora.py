@@ -46,6 +46,7 @@ class GatedAdapter(nn.Module):
         self.scores = nn.Parameter(torch.full((n,), config.init_score)) if config.gated else None
         self.head_classes = list(head_classes) if head_classes else None
         self.head = nn.Linear(base_embed_dim(base), len(head_classes)) if head_classes else None
+        self.head_input = "raw"  # selora.adapters.format.HEAD_INPUTS
 
     # -- gates ---------------------------------------------------------------------------
     def gates(self) -> torch.Tensor:
@@ -129,4 +130,5 @@ def export_adapter(adapter: GatedAdapter, base_model: str, base_fingerprint: str
         adapter.head_classes,
         None if head is None else head.weight.detach().clone(),
         None if head is None else head.bias.detach().clone(),
+        adapter.head_input,
     )

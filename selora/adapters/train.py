@@ -67,6 +67,19 @@ def pick_random_blocks(config: TrainConfig, block_ids: list[str]) -> tuple[str, 
     return tuple(sorted(random.Random(config.seed).sample(block_ids, config.random_blocks)))
 
 
+def set_zero_shot_head(adapter: GatedAdapter, backbone, classes: list[str]) -> None:
+    """Give a CLIP adapter the zero-shot head of its text tower (attached: the adapted one):
+    unit class embeddings times the logit scale, applied to unit image features, so the served
+    head scores exactly as ``/v1/classify`` with these labels does."""
+    weights = zero_shot_weights(backbone, list(classes))
+    adapter.head_classes = list(classes)
+    adapter.head = torch.nn.Linear(weights.shape[1], len(weights))
+    with torch.no_grad():
+        adapter.head.weight.copy_(weights * backbone.model.logit_scale.exp())
+        adapter.head.bias.zero_()
+    adapter.head_input = "normalized"
+
+
 class Trainer:
     """Holds the base, the adapter (or head) and the optimisers; ``run`` trains from ``self.step``."""
 
@@ -155,23 +168,20 @@ class Trainer:
         try:
             if self.config.recipe == "classify":
                 feats = batched_embed(self.backbone, self.val_set, self.size)
-                return classify_top1(self.adapter.head, feats, self.val_set.labels)
+                return classify_top1(self.adapter, feats, self.val_set.labels)
             return zero_shot_top1(self.backbone, self.val_set, self.size, self.val_set.classes)
         finally:
             self.adapter.train()
 
     def export(self, directory: Path) -> Path:
         bb, c = self.backbone, self.config
-        if c.recipe == "clip":  # the zero-shot head of the adapted text tower, so serve can classify
-            weights = zero_shot_weights(bb, self.train_set.classes)
-            self.adapter.head_classes = list(self.train_set.classes)
-            self.adapter.head = torch.nn.Linear(weights.shape[1], len(weights))
-            self.adapter.head.weight.data = weights * bb.model.logit_scale.exp().detach()
-            self.adapter.head.bias.data.zero_()
+        if c.recipe == "clip":  # so that serve can classify without labels
+            set_zero_shot_head(self.adapter, bb, self.train_set.classes)
         sparse = export_adapter(self.adapter, c.model, bb.fingerprint)
         save_adapter(sparse, directory)
         if c.recipe == "clip":
             self.adapter.head = self.adapter.head_classes = None
+            self.adapter.head_input = "raw"
         if c.method == "full_ft":
             save_file(backbone_state(bb), str(directory / "backbone.safetensors"), metadata={"model": c.model})
         return directory

@@ -27,6 +27,7 @@ class DeviceAdapter:
     r: int
     head: tuple[torch.Tensor, torch.Tensor] | None = None
     head_classes: list[str] | None = None
+    head_input: str = "raw"
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +58,7 @@ def to_device(adapter: SparseAdapter, backbone: Backbone, device=None, dtype=Non
     head = None
     if adapter.head_weight is not None:
         head = (adapter.head_weight.to(device, dtype), adapter.head_bias.to(device, dtype))
-    return DeviceAdapter(sites, adapter.variant, adapter.r, head, adapter.head_classes)
+    return DeviceAdapter(sites, adapter.variant, adapter.r, head, adapter.head_classes, adapter.head_input)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from selora.adapters.format import head_logits
 from selora.adapters.inject import inject
 from selora.models.factory import Backbone
 from selora.models.prompts import zero_shot_weights
@@ -134,8 +135,8 @@ class Engine:
                 head = await self._head(record)
             emb = await self._run(Job("image", record, tensors, asyncio.get_running_loop().create_future(), time.monotonic()))
             if labels is None:
-                weight, bias, classes = head
-                logits = emb.float() @ weight.float().t() + bias.float()
+                weight, bias, classes, head_input = head
+                logits = head_logits(weight, bias, emb, head_input)
             else:
                 weights = await asyncio.get_running_loop().run_in_executor(self._forward_pool, self._zero_shot_weights, record, tuple(labels))
                 scale = self.backbone.model.logit_scale.exp().float() if hasattr(self.backbone.model, "logit_scale") else 100.0
@@ -167,14 +168,14 @@ class Engine:
         if record is not None:
             self.registry.unpin(record)
 
-    async def _head(self, record: AdapterRecord | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    async def _head(self, record: AdapterRecord | None) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
         dev = None
         if record is not None:
             (dev,) = await asyncio.get_running_loop().run_in_executor(self._forward_pool, self.registry.device_adapters, [record])
         if dev is None or dev.head is None:
             what = "the base model" if record is None else f"adapter {record.name!r}"
             raise NoClassifierError(f"{what} has no classification head: pass labels (zero-shot, CLIP bases only)")
-        return (*dev.head, dev.head_classes)
+        return (*dev.head, dev.head_classes, dev.head_input)
 
     async def _run(self, job: Job) -> torch.Tensor:
         if not self.running:

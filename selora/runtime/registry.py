@@ -207,6 +207,7 @@ class AdapterRegistry:
             "num_blocks": len(self.backbone.blocks),
             "bytes": adapter.nbytes,
             "head_classes": adapter.head_classes,
+            "head_input": adapter.head_input if adapter.head_classes else None,
             "base_model": adapter.base_model,
         }
         record = AdapterRecord(name, directory, info, adapter.nbytes, sparse=adapter)

@@ -85,6 +85,8 @@ class AdapterInfo(BaseModel):
     resident_host: bool
     resident_device: bool
     head_classes: list[str] | None
+    head_input: Literal["raw", "normalized"] | None = Field(
+        None, description="what the head applies to: the embedding as served, or its L2-normalised form")
 
 
 class AdapterList(BaseModel):

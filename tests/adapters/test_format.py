@@ -24,7 +24,7 @@ def test_file_holds_exactly_the_active_blocks(saved, tiny_vit):
     assert cfg["format"] == "selora-adapter" and cfg["format_version"] == 1
     assert cfg["base_fingerprint"] == tiny_vit.fingerprint and cfg["variant"] == "dora"
     assert cfg["blocks"] == ["vision.0.q", "vision.1.fc1"]
-    assert cfg["head"] == {"classes": ["a", "b"]}
+    assert cfg["head"] == {"classes": ["a", "b"], "input": "raw"}
     assert set(cfg["gate"]["scores"]) == set(tiny_vit.blocks)
     tensors = load_file(saved / fmt.WEIGHTS_NAME)
     assert sorted(tensors) == sorted([
@@ -69,6 +69,7 @@ BAD_FILES = {
     "other base": (lambda p: _corrupt_config(p, base_fingerprint="0" * 16), fmt.BaseModelMismatchError, "0000000000000000"),
     "unknown block": (lambda p: _corrupt_config(p, blocks=["vision.0.q", "vision.9.fc1"]), fmt.UnknownBlockError, "vision.9.fc1"),
     "bad json": (lambda p: (p / fmt.CONFIG_NAME).write_text("{nope"), fmt.ConfigFileError, "JSON"),
+    "bad head input": (lambda p: _corrupt_config(p, head={"classes": ["a", "b"], "input": "logits"}), fmt.ConfigFileError, "head.input"),
     "wrong shape": (
         lambda p: _rewrite_tensors(p, lambda t: t.update({"vision.0.q.lora_A": torch.zeros(4, 65)})),
         fmt.ShapeError, "vision.0.q.lora_A",
@@ -111,6 +112,16 @@ def test_every_bad_file_has_its_own_error(case, saved, tiny_vit, tmp_path):
     damage(path)
     with pytest.raises(error, match=words):
         load_adapter(path, tiny_vit.blocks)
+
+
+def test_head_input_round_trips_and_defaults_to_raw(saved, tiny_vit):
+    loaded = load_adapter(saved, tiny_vit.blocks)
+    assert loaded.head_input == "raw"
+    loaded.head_input = "normalized"
+    again = load_adapter(save_adapter(loaded, saved.parent / "norm"), tiny_vit.blocks)
+    assert again.head_input == "normalized"
+    _corrupt_config(saved, head={"classes": ["a", "b"]})  # written before head.input existed
+    assert load_adapter(saved, tiny_vit.blocks).head_input == "raw"
 
 
 def test_errors_are_distinct_types():

@@ -6,10 +6,15 @@ import json
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
+from selora.adapters import export_adapter, save_adapter
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
-from tests.server.conftest import image_b64, write_adapter
+from selora.adapters.inject import attached
+from selora.adapters.train import set_zero_shot_head
+from tests.conftest import make_adapter
+from tests.server.conftest import image_b64, make_app, write_adapter
 
 
 def _error(resp, status, kind):
@@ -140,3 +145,23 @@ def test_clip_text_embeddings_and_zero_shot(clip_client):
     assert sorted(p["label"] for p in preds) == ["car", "cat", "dog"] and abs(sum(p["score"] for p in preds) - 1) < 1e-5
     _error(clip_client.post("/v1/classify", json={"input": [image_b64(0)], "labels": []}), 422, "invalid_input")
     _error(clip_client.post("/v1/classify", json={"input": [image_b64(0)], "labels": ["a", "a"]}), 422, "invalid_input")
+
+
+def test_clip_zero_shot_head_scores_exactly_as_zero_shot_labels(tmp_path, tiny_clip):
+    """A CLIP adapter's exported head (unit features, as the ``clip`` recipe trains it) serves the
+    same probabilities as ``/v1/classify`` with its class names as labels."""
+    classes = ["cat", "dog", "car"]
+    blocks = list(tiny_clip.blocks)
+    adapter = make_adapter(tiny_clip, active=[b for b in blocks if b.startswith("text")][:2] + blocks[:2], seed=4)
+    with attached(tiny_clip, adapter):
+        set_zero_shot_head(adapter, tiny_clip, classes)
+    save_adapter(export_adapter(adapter, tiny_clip.model_id, tiny_clip.fingerprint), tmp_path / "zs")
+    images = [image_b64(0), image_b64(1)]
+    with TestClient(make_app(tiny_clip, tmp_path)) as client:
+        assert client.get("/v1/adapters/zs").json()["head_input"] == "normalized"
+        headed = client.post("/v1/classify", json={"model": "zs", "input": images, "top_k": 3}).json()["data"]
+        labelled = client.post("/v1/classify", json={"model": "zs", "input": images, "labels": classes, "top_k": 3}).json()["data"]
+    for h, z in zip(headed, labelled):
+        h_scores = {p["label"]: p["score"] for p in h["predictions"]}
+        z_scores = {p["label"]: p["score"] for p in z["predictions"]}
+        assert h_scores == pytest.approx(z_scores, abs=1e-4)
