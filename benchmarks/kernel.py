@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=197, help="tokens per item (ViT-*/16 at 224 px: 197)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output stem (default results/kernel or kernel_smoke)")
+    p.add_argument("--save-tuning", action="store_true",
+                   help="GPU: add the autotuner's choices of this run to selora/kernels/configs/<GPU>.json (the 'tuned' table)")
     return p.parse_args(argv)
 
 
@@ -265,6 +267,20 @@ def plot(report, path):
     plt.close(fig)
 
 
+def save_tuning(device_name: str, command: str) -> Path:
+    """Merge this process's autotuned tiles into ``configs/<slug of the GPU>.json``: from then on
+    that GPU launches those keys with their tile, without autotuning."""
+    from selora.kernels import triton_lora
+
+    path = triton_lora.device_tuning_path(device_name)
+    base = json.loads((path if path.exists() else triton_lora.CONFIG_DIR / "default.json").read_text())
+    base["tuned"] = {**base.get("tuned", {}), **triton_lora.TUNED}
+    base["note"] = (f"{device_name}: candidates as in default.json; 'tuned' holds the autotuner's choice per key, "
+                    f"measured by `{command}` ({time.strftime('%Y-%m-%d')}).")
+    path.write_text(json.dumps(base, indent=1) + "\n")
+    return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
@@ -277,6 +293,8 @@ def main(argv=None) -> int:
               "Use --smoke for a CPU check that the script runs (not a speed result).", file=sys.stderr)
         return 2
     report = run(args)
+    if args.save_tuning and not args.smoke:
+        print(f"wrote {save_tuning(torch.cuda.get_device_name(), report['command'])}")
     stem = args.out or RESULTS / ("kernel_smoke" if args.smoke else "kernel")
     write(report, stem)
     for t in report["targets"]:

@@ -111,4 +111,8 @@ def toolchain_available() -> str | None:
         subprocess.run([get_ptxas(90).path, "--version"], check=True, capture_output=True)
     except Exception as exc:  # noqa: BLE001 - any failure means: no toolchain
         return f"Triton's NVIDIA toolchain is not usable here ({type(exc).__name__}: {exc})"
+    if not hasattr(JITFunction, "_pack_args"):  # the JIT's specialisation is private API
+        import triton
+
+        return f"Triton {triton.__version__} lacks JITFunction._pack_args (written against 3.9)"
     return None

@@ -43,8 +43,9 @@ Design. One program per output tile ``y[m0:m0+BM, n0:n0+BN]``:
    ``benchmarks/kernel.py`` — the ratio to ``F.linear`` at r = 16 with 5 % and 100 % active
    blocks for both modes (force with ``SELORA_SPLIT_SHRINK_RANK``), the rank at which the two
    modes cross, and achieved TFLOP/s of the base K-loop against cuBLAS (the fused kernel must
-   not lose on the base GEMM what it saves on LoRA); then write the threshold and the winning
-   configs into ``configs/<gpu>.json``.
+   not lose on the base GEMM what it saves on LoRA). ``--save-tuning`` writes the autotuner's
+   choice per key into ``configs/<gpu>.json`` (its ``tuned`` table: that GPU then launches those
+   keys without autotuning); set the measured threshold there by hand.
 
 The interpreter (``TRITON_INTERPRET=1``) runs the very same kernel function on CPU tensors
 (built with ``InterpretedFunction``, independent of import order; so the kernels call no
@@ -73,6 +74,8 @@ from selora.kernels.batch import META_COLUMNS, LayerBatch
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 LAUNCHES: Counter = Counter()  # kernel name -> launches in this process (tests read it)
+TILE_SOURCES: Counter = Counter()  # where fused launches took their tile: tuned | fixed | autotuned
+TUNED: dict[str, dict] = {}  # tune_key -> the autotuner's choice, in this process
 META_STRIDE = len(META_COLUMNS)
 TILE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_SIZE_M")  # the tuned constexprs of the fused kernel
 
@@ -201,14 +204,15 @@ def _lora_shrink_kernel(
                  (acc * tl.load(scales_ptr + e)).to(s_ptr.dtype.element_ty), mask=m_in[:, None] & r_in[None, :])
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+def device_tuning_path(device_name: str) -> Path:
+    """``configs/<slug of the GPU's name>.json``: that GPU's own tuning data (may not exist yet)."""
+    return CONFIG_DIR / (re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") + ".json")
 
 
 @functools.cache
 def tuning(device_name: str) -> dict:
-    """Tuning data for a device: ``configs/<slug of GPU name>.json`` if present, else default."""
-    path = CONFIG_DIR / f"{_slug(device_name)}.json"
+    """Tuning data for a device: its own file if present, else the default (or interpreter) file."""
+    path = device_tuning_path(device_name)
     if not path.exists():
         path = CONFIG_DIR / ("interpreter.json" if device_name == "interpreter" else "default.json")
     return json.loads(path.read_text()) | {"source": path.name}
@@ -223,25 +227,34 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 @functools.cache
 def _kernels(device_name: str):
-    """(fused kernel, shrink kernel) for a device: autotuned JIT on CUDA, interpreted on CPU."""
+    """(fused kernel, its autotuner, shrink kernel) for a device: JIT on CUDA, interpreted on CPU."""
     if device_name == "interpreter":
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(_lora_linear_kernel), InterpretedFunction(_lora_shrink_kernel)
+        return InterpretedFunction(_lora_linear_kernel), None, InterpretedFunction(_lora_shrink_kernel)
     from triton.runtime.jit import JITFunction
 
-    tuned = tuning(device_name)["configs"]
-    configs = [triton.Config({k: c[k] for k in TILE}, num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in tuned]
-    dtypes = {id(cfg): set(c.get("dtypes", DTYPE_NAMES.values())) for cfg, c in zip(configs, tuned)}
+    candidates = tuning(device_name)["configs"]
+    configs = [triton.Config({k: c[k] for k in TILE}, num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates]
+    dtypes = {id(cfg): set(c.get("dtypes", DTYPE_NAMES.values())) for cfg, c in zip(configs, candidates)}
 
     def listed_for_dtype(configs, named_args, **kwargs):
         """Autotune only the configs listed for this call's dtype (they compile without spills)."""
         name = DTYPE_NAMES[named_args["x_ptr"].dtype]
         return [c for c in configs if name in dtypes[id(c)]] or configs[:1]
 
-    fused = triton.autotune(configs, key=["M_BUCKET", "N", "K", "OUT_SIZE", "SPLIT_SHRINK", "HAS_DORA"],
-                            prune_configs_by={"early_config_prune": listed_for_dtype})(JITFunction(_lora_linear_kernel))
-    return fused, JITFunction(_lora_shrink_kernel)
+    fused = JITFunction(_lora_linear_kernel)
+    autotuned = triton.autotune(configs, key=["M_BUCKET", "N", "K", "OUT_SIZE", "SPLIT_SHRINK", "HAS_DORA"],
+                                prune_configs_by={"early_config_prune": listed_for_dtype}, cache_results=True)(fused)
+    return fused, autotuned, JITFunction(_lora_shrink_kernel)
+
+
+def tune_key(launch: "Launch") -> str:
+    """The autotuning key of a fused launch, as the ``tuned`` table of a tuning file spells it."""
+    x2, M, N, K, out_size = launch.args[0], *launch.args[10:14]
+    f = launch.flags
+    return (f"{DTYPE_NAMES[x2.dtype]} M<={triton.next_power_of_2(M)} N={N} K={K} out={out_size} "
+            f"split={int(f['SPLIT_SHRINK'])} dora={int(f['HAS_DORA'])}")
 
 
 @dataclass
@@ -310,11 +323,15 @@ def shrink_grid(layer: LayerBatch, tokens: int, tile: dict) -> tuple[int, int, i
 
 
 def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch) -> torch.Tensor:
-    """Launch the fused kernel(s) for one layer; validates shapes, dtypes and metadata."""
+    """Launch the fused kernel(s) for one layer; validates shapes, dtypes and metadata.
+
+    The fused kernel's tile: the tuning file's ``tuned`` entry for this call's key if there is
+    one (measured on that GPU), else the autotuner's choice among the candidates, which is
+    recorded in ``TUNED`` (``benchmarks/kernel.py --save-tuning`` writes it to the file)."""
     device_name = _device_name(x.device)
     cfg = tuning(device_name)
     y, launches = plan(x, weight, bias, layer, cfg)
-    fused, shrink = _kernels(device_name)
+    fused, autotuned, shrink = _kernels(device_name)
     M, d_out = y.shape
     for launch in launches:
         if launch.name == "lora_shrink":
@@ -323,11 +340,19 @@ def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             shrink[shrink_grid(layer, tokens, sh)](*launch.args, **launch.flags, BLOCK_M=sh["BLOCK_M"], BLOCK_K=sh["BLOCK_K"],
                                                    BLOCK_R=sh["BLOCK_R"], num_warps=sh.get("num_warps", 4),
                                                    num_stages=sh.get("num_stages", 3))
-        elif device_name == "interpreter":
-            tile = cfg["configs"][0]
+            LAUNCHES[launch.name] += 1
+            continue
+        key = tune_key(launch)
+        tile = cfg.get("tuned", {}).get(key) or (cfg["configs"][0] if autotuned is None else None)
+        if tile is not None:
             grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(d_out, tile["BLOCK_N"]),)
-            fused[grid](*launch.args, **launch.flags, **{k: tile[k] for k in TILE})
+            options = {} if autotuned is None else dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+            fused[grid](*launch.args, **launch.flags, **{k: tile[k] for k in TILE}, **options)
+            TILE_SOURCES["tuned" if key in cfg.get("tuned", {}) else "fixed"] += 1
         else:
-            fused[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)](*launch.args, **launch.flags)
+            autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)](*launch.args, **launch.flags)
+            best = autotuned.best_config
+            TUNED[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+            TILE_SOURCES["autotuned"] += 1
         LAUNCHES[launch.name] += 1
     return y.view(*x.shape[:-1], d_out)

@@ -39,11 +39,11 @@ def test_fused_shrink_without_dora_compiles_without_spills(dtype):
 
 
 def test_autotuner_offers_each_dtype_only_its_listed_configs():
-    fused, _ = triton_lora._kernels("NVIDIA H100 80GB HBM3")  # builds the autotuner; runs nothing
+    _, autotuned, _ = triton_lora._kernels("NVIDIA H100 80GB HBM3")  # builds the autotuner; runs nothing
     listed = triton_lora.tuning("NVIDIA H100 80GB HBM3")["configs"]
-    prune = fused.early_config_prune
+    prune = autotuned.early_config_prune
     for dtype, name in triton_lora.DTYPE_NAMES.items():
-        kept = prune(fused.configs, {"x_ptr": torch.empty(0, dtype=dtype)})
+        kept = prune(autotuned.configs, {"x_ptr": torch.empty(0, dtype=dtype)})
         expected = [c for c in listed if name in c["dtypes"]]
         assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == \
             [(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in expected]

@@ -70,3 +70,26 @@ def test_benchmark_refuses_cleanly_without_gpu(capsys):
     spec.loader.exec_module(module)
     assert module.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_benchmark_saves_autotuned_tiles_as_the_gpus_tuning_data(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from selora.kernels import triton_lora
+
+    path = Path(__file__).parents[2] / "benchmarks" / "kernel.py"
+    spec = importlib.util.spec_from_file_location("kernel_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shutil.copy(triton_lora.CONFIG_DIR / "default.json", tmp_path)
+    monkeypatch.setattr(triton_lora, "CONFIG_DIR", tmp_path)
+    key, tile = "bf16 M<=16384 N=3072 K=768 out=3072 split=0 dora=0", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 16}
+    monkeypatch.setitem(triton_lora.TUNED, key, tile)
+    saved = module.save_tuning("NVIDIA H100 80GB HBM3", "python benchmarks/kernel.py --save-tuning")
+    assert saved == tmp_path / "nvidia-h100-80gb-hbm3.json"
+    monkeypatch.setattr(triton_lora, "tuning", triton_lora.tuning.__wrapped__)  # no cached file contents
+    data = triton_lora.tuning("NVIDIA H100 80GB HBM3")
+    assert data["source"] == saved.name and data["tuned"] == {key: tile}
+    assert data["configs"] == triton_lora.tuning("interpreter-free default")["configs"]

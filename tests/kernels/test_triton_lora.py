@@ -118,3 +118,18 @@ def test_bad_inputs_get_typed_errors(interpreter):
     bf16 = inputs.to(torch.bfloat16)
     with pytest.raises(KernelBackendError, match="bf16"):
         lora_linear(bf16.x, bf16.weight, bf16.bias, bf16.layer)
+
+
+def test_tuned_table_entry_gives_the_tile(interpreter, monkeypatch):
+    """A tuning file's ``tuned`` entry for a call's key decides its tile (here an unusual one)."""
+    inputs = build_case(CASES[1])
+    cfg = triton_lora.tuning("interpreter")
+    _, [launch] = triton_lora.plan(inputs.x, inputs.weight, inputs.bias, inputs.layer, cfg)
+    key = triton_lora.tune_key(launch)
+    assert key == "fp32 M<=64 N=69 K=37 out=23 split=0 dora=1"  # 11 items × 3 tokens = 33 rows
+    tile = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_SIZE_M": 2, "num_warps": 4, "num_stages": 2}
+    monkeypatch.setattr(triton_lora, "tuning", lambda name: cfg | {"tuned": {key: tile}})
+    before = triton_lora.TILE_SOURCES["tuned"]
+    y = lora_linear(inputs.x, inputs.weight, inputs.bias, inputs.layer)
+    torch.testing.assert_close(y, expected(inputs, torch.float32), **TOLERANCE[torch.float32])
+    assert triton_lora.TILE_SOURCES["tuned"] == before + 1
