@@ -6,7 +6,11 @@ number of distinct adapters in the batch (items split evenly between adapters; e
 block active with that probability), ``triton.testing.do_bench`` times:
 
 - ``base``: ``F.linear`` (the base GEMM alone);
-- ``fused``: ``selora.kernels.ops.lora_linear`` (the Triton kernel);
+- ``fused``: ``selora.kernels.ops.lora_linear`` (the Triton kernel, in the configured mode:
+  the base GEMM inside the kernel's tiles unless ``SELORA_BASE_GEMM`` says otherwise);
+- ``fused_tile`` / ``fused_library``: the kernel called directly with the base GEMM in its tiles,
+  or done by torch (cuBLAS) with the kernel adding the LoRA terms to the tiles entries meet;
+  which of the two is faster decides the tuning file's ``base_gemm``;
 - ``unfused``: per adapter, ``x_j·W0ᵀ + b`` then ``(x_j·Aᵀ)·Bᵀ`` per active block (torch ops);
 - ``peft_loop``: PEFT's mixed-batch style: base once, then a Python loop over adapters with
   index masks (``y[idx] += lora(x[idx])``);
@@ -44,6 +48,7 @@ TARGETS = [  # (name, description, metric, bound)
     ("dense-r16", "r=16, 100% active: model linears / base GEMMs", "fused/base", "<= 1.20"),
     ("dense-r256", "r=256: unfused torch LoRA / fused", "unfused/fused", ">= 3"),
 ]
+MODES = {"measured": "fused", "base_in_tile": "fused_tile", "base_by_torch": "fused_library"}  # report key -> peer
 PRESETS = {
     "full": dict(dims=[384, 768, 1024], batches=[1, 8, 64, 256], ranks=[4, 16, 64, 256],
                  fractions=[0.0, 0.05, 0.25, 1.0], adapters=[1, 8, 32, 64]),
@@ -91,6 +96,10 @@ def make_layer(torch, gen, d_in, d_out, n_blocks, groups, rank, fraction, device
 def peers(torch, F, x, w, b, layer, groups, merged_w):
     """The compared implementations, as zero-argument callables."""
     from selora.kernels.ops import lora_linear
+    from selora.kernels.triton_lora import triton_lora_linear
+
+    def direct(base_gemm):
+        return lambda: F.linear(x, w, b) if layer is None else triton_lora_linear(x, w, b, layer, base_gemm)
 
     def unfused():
         ys = [F.linear(x[:groups[0][0]], w, b)]
@@ -123,6 +132,7 @@ def peers(torch, F, x, w, b, layer, groups, merged_w):
         return torch.cat([F.linear(x[:groups[0][0]], w, b)] + [F.linear(x[s:e], mw, b) for (s, e), mw in zip(groups, merged_w)])
 
     return {"base": lambda: F.linear(x, w, b), "fused": lambda: lora_linear(x, w, b, layer),
+            "fused_tile": direct("fused"), "fused_library": direct("library"),
             "unfused": unfused, "peft_loop": peft_loop, "merged": merged}
 
 
@@ -168,7 +178,7 @@ def run(args) -> dict:
             fns = peers(torch, F, x, w, b, layer, groups, merged_w)
             if layer is not None:  # every peer computes the op: check before timing
                 want = lora_linear_reference(x.float(), w.float(), b.float(), layer_float(torch, layer))
-                for name in ("fused", "unfused", "peft_loop", "merged"):
+                for name in ("fused", "fused_tile", "fused_library", "unfused", "peft_loop", "merged"):
                     torch.testing.assert_close(fns[name]().float(), want, atol=0.1, rtol=0.05)
             ms = {name: bench(fn) for name, fn in fns.items()}
             flops = lora_linear_flops(x.shape, w.shape, layer)
@@ -208,12 +218,13 @@ def evaluate_targets(rows):
     found = []
     for (d, items, rank, fraction, adapters), site_rows in configs(rows).items():
         if rank == 16 and fraction == 0.05 and adapters == 32:
-            found.append(("sparse-r16", d, items, model_ratio(site_rows, "fused", "base")))
+            found.append(("sparse-r16", d, items, lambda k: model_ratio(site_rows, k, "base")))
         if rank == 16 and fraction == 1.0:
-            found.append(("dense-r16", d, items, model_ratio(site_rows, "fused", "base")))
+            found.append(("dense-r16", d, items, lambda k: model_ratio(site_rows, k, "base")))
         if rank == 256 and fraction == 1.0:
-            found.append(("dense-r256", d, items, model_ratio(site_rows, "unfused", "fused")))
-    return [dict(target=t, d=d, items=items, measured=round(v, 3)) for t, d, items, v in found]
+            found.append(("dense-r256", d, items, lambda k: model_ratio(site_rows, "unfused", k)))
+    return [dict(target=t, d=d, items=items, **{k: round(ratio(name), 3) for k, name in MODES.items()})
+            for t, d, items, ratio in found]
 
 
 def write(report: dict, stem: Path) -> None:
@@ -222,20 +233,22 @@ def write(report: dict, stem: Path) -> None:
     lines = [f"# Fused LoRA kernel benchmark{' — SMOKE RUN (CPU interpreter, not a speed result)' if report['smoke'] else ''}",
              "", f"- machine: {report['machine']}", f"- command: `{report['command']}`",
              f"- dtype: {report['dtype']}, backend: {report['backend']}, torch {report['torch']}", "",
-             "## Targets (issue 3)", "", "| target | bound | d | items | measured |", "|---|---|---|---|---|"]
+             "## Targets (issue 3)", "", "measured: the op as configured; then the kernel with the base GEMM in its tiles, "
+             "and with torch's GEMM plus the kernel's LoRA pass.", "",
+             "| target | bound | d | items | measured | base in tile | base by torch |", "|---|---|---|---|---|---|---|"]
     bounds = {t[0]: (t[1], t[2], t[3]) for t in TARGETS}
     for t in report["targets"]:
         desc, metric, bound = bounds[t["target"]]
-        lines.append(f"| {desc} | {metric} {bound} | {t['d']} | {t['items']} | {t['measured']} |")
+        lines.append(f"| {desc} | {metric} {bound} | {t['d']} | {t['items']} | {t['measured']} | {t['base_in_tile']} | {t['base_by_torch']} |")
     if not report["targets"]:
-        lines.append("| (no configuration of this run matches a target) | | | | |")
+        lines.append("| (no configuration of this run matches a target) | | | | | | |")
     lines += ["", "## Per configuration (sum over the 4 sites of one layer; times in ms)", "",
-              "| d | items×tokens | rank | active | adapters | base | fused | unfused | peft_loop | merged | fused/base | unfused/fused |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| d | items×tokens | rank | active | adapters | base | fused | base in tile | base by torch | unfused | peft_loop | merged | fused/base | unfused/fused |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (d, items, rank, fraction, adapters), rs in configs(report["rows"]).items():
         t = {k: sum(r["ms"][k] for r in rs) for k in rs[0]["ms"]}
         lines.append(f"| {d} | {items}×{rs[0]['tokens']} | {rank} | {fraction:.0%} | {adapters} | {t['base']:.3f} | {t['fused']:.3f} | "
-                     f"{t['unfused']:.3f} | {t['peft_loop']:.3f} | {t['merged']:.3f} | {t['fused'] / t['base']:.3f} | {t['unfused'] / t['fused']:.2f} |")
+                     f"{t['fused_tile']:.3f} | {t['fused_library']:.3f} | {t['unfused']:.3f} | {t['peft_loop']:.3f} | {t['merged']:.3f} | {t['fused'] / t['base']:.3f} | {t['unfused'] / t['fused']:.2f} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(report, stem.with_suffix(".png"))
 
@@ -298,7 +311,8 @@ def main(argv=None) -> int:
     stem = args.out or RESULTS / ("kernel_smoke" if args.smoke else "kernel")
     write(report, stem)
     for t in report["targets"]:
-        print(f"target {t['target']} (d={t['d']}, items={t['items']}): measured {t['measured']}")
+        print(f"target {t['target']} (d={t['d']}, items={t['items']}): measured {t['measured']} "
+              f"(base in tile {t['base_in_tile']}, base by torch {t['base_by_torch']})")
     print(f"wrote {stem}.json/.md/.png")
     return 0
 

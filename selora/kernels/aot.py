@@ -87,9 +87,9 @@ def compile_launch(launch: triton_lora.Launch, constexprs: dict, num_warps: int,
 
 
 def compile_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch,
-                  tuning: dict, arch: str = "sm_90") -> list[tuple[dict, Compiled]]:
+                  tuning: dict, arch: str = "sm_90", base_gemm: str | None = None) -> list[tuple[dict, Compiled]]:
     """Every launch of one layer call under every config of ``tuning`` (``triton_lora.tuning``)."""
-    _, launches = triton_lora.plan(x, weight, bias, layer, tuning)
+    _, launches = triton_lora.plan(x, weight, bias, layer, tuning, base_gemm)
     out = []
     for launch in launches:
         if launch.name == "lora_shrink":

@@ -47,6 +47,18 @@ Design. One program per output tile ``y[m0:m0+BM, n0:n0+BN]``:
    choice per key into ``configs/<gpu>.json`` (its ``tuned`` table: that GPU then launches those
    keys without autotuning); set the measured threshold there by hand.
 
+4. where does the base GEMM run? (``base_gemm`` in the config data, ``SELORA_BASE_GEMM``)
+
+   - ``fused`` (default): in the K-loop above, one launch;
+   - ``library``: torch's GEMM (cuBLAS) writes ``x·W0ᵀ + b`` into y first, then the kernel runs
+     with ``BASE_FROM_Y``: each program tests whether any entry meets its tile (the scalar
+     loop) and only those tiles load y, take b out, add their entries' terms (and factors) as
+     above, put b back and store. One more launch and a read + write of the touched tiles,
+     but the base GEMM is the vendor's: if Triton's K-loop loses more than a few per cent to
+     cuBLAS, the issue's 1.05× target is out of reach in ``fused`` mode whatever the LoRA
+     costs, and ``library`` mode is the way to it. Which wins is a GPU measurement
+     (``benchmarks/kernel.py``: columns *base in tile* and *base by torch*); unmeasured so far.
+
 The interpreter (``TRITON_INTERPRET=1``) runs the very same kernel function on CPU tensors
 (built with ``InterpretedFunction``, independent of import order; so the kernels call no
 ``@triton.jit`` helper of ``triton.language.standard`` such as ``tl.cdiv`` or ``tl.zeros``, which stays compiled
@@ -94,7 +106,7 @@ def _lora_linear_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     stride_ar, stride_ak, stride_br, stride_bs, stride_fe,
     # features
-    HAS_BIAS: tl.constexpr, HAS_DORA: tl.constexpr, SPLIT_SHRINK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DORA: tl.constexpr, SPLIT_SHRINK: tl.constexpr, BASE_FROM_Y: tl.constexpr,
     META_STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # tuning
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -113,56 +125,72 @@ def _lora_linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
 
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                     mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + k[:, None] * stride_wk,
-                     mask=(offs_n[None, :] < N) & (k[:, None] < K), other=0.0)
-        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
-
-    for e in range(0, NUM_ENTRIES):
-        row = meta_ptr + e * META_STRIDE
-        row_start = tl.load(row + 0) * TOKENS
-        row_end = tl.load(row + 1) * TOKENS
-        col_start = tl.load(row + 2)
-        if (row_start < m_lo + BLOCK_M) & (row_end > m_lo) & (col_start < n_lo + BLOCK_N) & (col_start + OUT_SIZE > n_lo):
-            rank_start = tl.load(row + 3)
-            rank = tl.load(row + 4)
-            scale = tl.load(scales_ptr + e)
-            row_in = (offs_m >= row_start) & (offs_m < row_end)
-            col_in = (offs_n >= col_start) & (offs_n < col_start + OUT_SIZE)
-            cols = offs_n - col_start
-            # s is zero outside the entry's rows and Bᵀ outside its columns, so the expand
-            # accumulates into the base tile directly: no second tile, nothing to mask afterwards.
-            for r0 in range(0, rank, BLOCK_R):
-                r_in = (r0 + offs_r) < rank
-                ranks = rank_start + r0 + offs_r
-                if SPLIT_SHRINK:  # the shrink kernel stored scale · x·Aᵀ
-                    s_base = s_ptr + tl.load(row + 5) * TOKENS
-                    s = tl.load(s_base + (offs_m - row_start)[:, None] * rank + (r0 + offs_r)[None, :],
-                                mask=row_in[:, None] & r_in[None, :], other=0.0)
-                else:
-                    s_acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
-                    for k0 in range(0, K, BLOCK_K):
-                        k = k0 + offs_k
-                        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                                     mask=row_in[:, None] & (k[None, :] < K), other=0.0)
-                        at = tl.load(a_ptr + ranks[None, :] * stride_ar + k[:, None] * stride_ak,
-                                     mask=r_in[None, :] & (k[:, None] < K), other=0.0)
-                        s_acc = tl.dot(xt, at, s_acc, input_precision=DOT_PRECISION)
-                    s = (s_acc * scale).to(y_ptr.dtype.element_ty)
-                bt = tl.load(bt_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bs,
-                             mask=r_in[:, None] & col_in[None, :], other=0.0)
-                acc = tl.dot(s, bt, acc, input_precision=DOT_PRECISION)
-            if HAS_DORA:  # entries are disjoint: each element meets at most one factor
-                f = tl.load(factor_ptr + e * stride_fe + cols, mask=col_in, other=1.0).to(tl.float32)
-                acc *= tl.where(row_in[:, None], f[None, :], 1.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    y_tile = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    in_y = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if BASE_FROM_Y:  # y already holds x·W0ᵀ + b (the library's GEMM): touch only tiles an entry meets
+        touched = 0
+        for e in range(0, NUM_ENTRIES):
+            row = meta_ptr + e * META_STRIDE
+            col_start = tl.load(row + 2)
+            touched += ((tl.load(row + 0) * TOKENS < m_lo + BLOCK_M) & (tl.load(row + 1) * TOKENS > m_lo)
+                        & (col_start < n_lo + BLOCK_N) & (col_start + OUT_SIZE > n_lo)).to(tl.int32)
+        run = touched > 0
+    else:
+        run = True
+    if run:
+        if BASE_FROM_Y:
+            acc = tl.load(y_tile, mask=in_y, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                acc -= tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        else:
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs_k
+                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                             mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+                wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + k[:, None] * stride_wk,
+                             mask=(offs_n[None, :] < N) & (k[:, None] < K), other=0.0)
+                acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+        for e in range(0, NUM_ENTRIES):
+            row = meta_ptr + e * META_STRIDE
+            row_start = tl.load(row + 0) * TOKENS
+            row_end = tl.load(row + 1) * TOKENS
+            col_start = tl.load(row + 2)
+            if (row_start < m_lo + BLOCK_M) & (row_end > m_lo) & (col_start < n_lo + BLOCK_N) & (col_start + OUT_SIZE > n_lo):
+                rank_start = tl.load(row + 3)
+                rank = tl.load(row + 4)
+                scale = tl.load(scales_ptr + e)
+                row_in = (offs_m >= row_start) & (offs_m < row_end)
+                col_in = (offs_n >= col_start) & (offs_n < col_start + OUT_SIZE)
+                cols = offs_n - col_start
+                # s is zero outside the entry's rows and Bᵀ outside its columns, so the expand
+                # accumulates into the base tile directly: no second tile, nothing to mask afterwards.
+                for r0 in range(0, rank, BLOCK_R):
+                    r_in = (r0 + offs_r) < rank
+                    ranks = rank_start + r0 + offs_r
+                    if SPLIT_SHRINK:  # the shrink kernel stored scale · x·Aᵀ
+                        s_base = s_ptr + tl.load(row + 5) * TOKENS
+                        s = tl.load(s_base + (offs_m - row_start)[:, None] * rank + (r0 + offs_r)[None, :],
+                                    mask=row_in[:, None] & r_in[None, :], other=0.0)
+                    else:
+                        s_acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
+                        for k0 in range(0, K, BLOCK_K):
+                            k = k0 + offs_k
+                            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                                         mask=row_in[:, None] & (k[None, :] < K), other=0.0)
+                            at = tl.load(a_ptr + ranks[None, :] * stride_ar + k[:, None] * stride_ak,
+                                         mask=r_in[None, :] & (k[:, None] < K), other=0.0)
+                            s_acc = tl.dot(xt, at, s_acc, input_precision=DOT_PRECISION)
+                        s = (s_acc * scale).to(y_ptr.dtype.element_ty)
+                    bt = tl.load(bt_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bs,
+                                 mask=r_in[:, None] & col_in[None, :], other=0.0)
+                    acc = tl.dot(s, bt, acc, input_precision=DOT_PRECISION)
+                if HAS_DORA:  # entries are disjoint: each element meets at most one factor
+                    f = tl.load(factor_ptr + e * stride_fe + cols, mask=col_in, other=1.0).to(tl.float32)
+                    acc *= tl.where(row_in[:, None], f[None, :], 1.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=in_y)
 
 
 def _lora_shrink_kernel(
@@ -236,16 +264,19 @@ def _kernels(device_name: str):
 
     candidates = tuning(device_name)["configs"]
     configs = [triton.Config({k: c[k] for k in TILE}, num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates]
-    dtypes = {id(cfg): set(c.get("dtypes", DTYPE_NAMES.values())) for cfg, c in zip(configs, candidates)}
+    fits = {id(cfg): (set(c.get("dtypes", DTYPE_NAMES.values())), set(c.get("base_gemms", BASE_GEMMS)))
+            for cfg, c in zip(configs, candidates)}
 
-    def listed_for_dtype(configs, named_args, **kwargs):
-        """Autotune only the configs listed for this call's dtype (they compile without spills)."""
-        name = DTYPE_NAMES[named_args["x_ptr"].dtype]
-        return [c for c in configs if name in dtypes[id(c)]] or configs[:1]
+    def listed_for_call(configs, named_args, **kwargs):
+        """Autotune only the configs listed for this call's dtype and base GEMM (they compile
+        without register spills there)."""
+        dtype = DTYPE_NAMES[named_args["x_ptr"].dtype]
+        base = "library" if kwargs.get("BASE_FROM_Y", named_args.get("BASE_FROM_Y")) else "fused"
+        return [c for c in configs if dtype in fits[id(c)][0] and base in fits[id(c)][1]] or configs[:1]
 
     fused = JITFunction(_lora_linear_kernel)
-    autotuned = triton.autotune(configs, key=["M_BUCKET", "N", "K", "OUT_SIZE", "SPLIT_SHRINK", "HAS_DORA"],
-                                prune_configs_by={"early_config_prune": listed_for_dtype}, cache_results=True)(fused)
+    autotuned = triton.autotune(configs, key=["M_BUCKET", "N", "K", "OUT_SIZE", "SPLIT_SHRINK", "HAS_DORA", "BASE_FROM_Y"],
+                                prune_configs_by={"early_config_prune": listed_for_call}, cache_results=True)(fused)
     return fused, autotuned, JITFunction(_lora_shrink_kernel)
 
 
@@ -254,7 +285,7 @@ def tune_key(launch: "Launch") -> str:
     x2, M, N, K, out_size = launch.args[0], *launch.args[10:14]
     f = launch.flags
     return (f"{DTYPE_NAMES[x2.dtype]} M<={triton.next_power_of_2(M)} N={N} K={K} out={out_size} "
-            f"split={int(f['SPLIT_SHRINK'])} dora={int(f['HAS_DORA'])}")
+            f"split={int(f['SPLIT_SHRINK'])} dora={int(f['HAS_DORA'])} base={'library' if f['BASE_FROM_Y'] else 'fused'}")
 
 
 @dataclass
@@ -266,9 +297,16 @@ class Launch:
     flags: dict  # feature constexprs (the tile comes from the tuning data)
 
 
+BASE_GEMMS = ("fused", "library")  # where the base GEMM runs: in the Triton tile, or torch's (cuBLAS)
+
+
 def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch,
-         cfg: dict) -> tuple[torch.Tensor, list[Launch]]:
+         cfg: dict, base_gemm: str | None = None) -> tuple[torch.Tensor, list[Launch]]:
     """Validate one layer call and build its output and launches (shrink first when split).
+
+    ``base_gemm`` (default: ``SELORA_BASE_GEMM``, else the tuning file's ``base_gemm``, else
+    ``fused``): ``library`` leaves x·W0ᵀ + b to torch, written into y before the fused launch,
+    which then reads y and touches only the tiles some entry meets.
 
     Shared by the launch below and by ``selora.kernels.aot``, which compiles the same launches
     for a GPU architecture without one."""
@@ -296,6 +334,9 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer
     if M == 0:
         return y, []
     split = max(e.rank for e in entries) > int(os.environ.get("SELORA_SPLIT_SHRINK_RANK", cfg["fused_shrink_max_rank"]))
+    base_gemm = base_gemm or os.environ.get("SELORA_BASE_GEMM") or cfg.get("base_gemm", "fused")
+    if base_gemm not in BASE_GEMMS:
+        raise ValueError(f"base GEMM must be one of {list(BASE_GEMMS)}, got {base_gemm!r} (SELORA_BASE_GEMM)")
     precision = "ieee" if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
     a, bt = layer.lora_a, layer.lora_bt
     launches, s = [], y  # s: placeholder pointer when the shrink is fused (never read)
@@ -311,7 +352,7 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer
             a.stride(0), a.stride(1), bt.stride(0), bt.stride(1), factor.stride(0))
     launches.append(Launch("lora_linear", args, dict(
         HAS_BIAS=bias is not None, HAS_DORA=layer.dora_factor is not None, SPLIT_SHRINK=split,
-        META_STRIDE=META_STRIDE, DOT_PRECISION=precision)))
+        BASE_FROM_Y=base_gemm == "library", META_STRIDE=META_STRIDE, DOT_PRECISION=precision)))
     return y, launches
 
 
@@ -322,7 +363,8 @@ def shrink_grid(layer: LayerBatch, tokens: int, tile: dict) -> tuple[int, int, i
     return len(layer.entries), triton.cdiv(max_rows, tile["BLOCK_M"]), triton.cdiv(max(e.rank for e in layer.entries), tile["BLOCK_R"])
 
 
-def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch) -> torch.Tensor:
+def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch,
+                       base_gemm: str | None = None) -> torch.Tensor:
     """Launch the fused kernel(s) for one layer; validates shapes, dtypes and metadata.
 
     The fused kernel's tile: the tuning file's ``tuned`` entry for this call's key if there is
@@ -330,7 +372,7 @@ def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     recorded in ``TUNED`` (``benchmarks/kernel.py --save-tuning`` writes it to the file)."""
     device_name = _device_name(x.device)
     cfg = tuning(device_name)
-    y, launches = plan(x, weight, bias, layer, cfg)
+    y, launches = plan(x, weight, bias, layer, cfg, base_gemm)
     fused, autotuned, shrink = _kernels(device_name)
     M, d_out = y.shape
     for launch in launches:
@@ -342,6 +384,9 @@ def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                                                    num_stages=sh.get("num_stages", 3))
             LAUNCHES[launch.name] += 1
             continue
+        if launch.flags["BASE_FROM_Y"]:  # the library's GEMM writes x·W0ᵀ + b into y first
+            x2 = launch.args[0]
+            torch.mm(x2, weight.t(), out=y) if bias is None else torch.addmm(bias, x2, weight.t(), out=y)
         key = tune_key(launch)
         tile = cfg.get("tuned", {}).get(key) or (cfg["configs"][0] if autotuned is None else None)
         if tile is not None:

@@ -20,3 +20,4 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("SELORA_KERNEL", "triton")
     monkeypatch.delenv("SELORA_SPLIT_SHRINK_RANK", raising=False)
+    monkeypatch.delenv("SELORA_BASE_GEMM", raising=False)

@@ -85,7 +85,7 @@ def test_benchmark_saves_autotuned_tiles_as_the_gpus_tuning_data(tmp_path, monke
     spec.loader.exec_module(module)
     shutil.copy(triton_lora.CONFIG_DIR / "default.json", tmp_path)
     monkeypatch.setattr(triton_lora, "CONFIG_DIR", tmp_path)
-    key, tile = "bf16 M<=16384 N=3072 K=768 out=3072 split=0 dora=0", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 16}
+    key, tile = "bf16 M<=16384 N=3072 K=768 out=3072 split=0 dora=0 base=fused", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 16}
     monkeypatch.setitem(triton_lora.TUNED, key, tile)
     saved = module.save_tuning("NVIDIA H100 80GB HBM3", "python benchmarks/kernel.py --save-tuning")
     assert saved == tmp_path / "nvidia-h100-80gb-hbm3.json"

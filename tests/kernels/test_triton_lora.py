@@ -34,9 +34,11 @@ def expected(inputs, dtype):
     return lora_linear_reference(exact.x, exact.weight, exact.bias, exact.layer)
 
 
+@pytest.mark.parametrize("base_gemm", ["fused", "library"], ids=["base-in-tile", "base-by-torch"])
 @pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_kernel_matches_reference(case, device, dtype, interpreter):
+def test_kernel_matches_reference(case, device, dtype, base_gemm, interpreter, monkeypatch):
+    monkeypatch.setenv("SELORA_BASE_GEMM", base_gemm)
     inputs = build_case(case)
     run = inputs.to(dtype, device)
     before = triton_lora.launch_count()
@@ -126,7 +128,7 @@ def test_tuned_table_entry_gives_the_tile(interpreter, monkeypatch):
     cfg = triton_lora.tuning("interpreter")
     _, [launch] = triton_lora.plan(inputs.x, inputs.weight, inputs.bias, inputs.layer, cfg)
     key = triton_lora.tune_key(launch)
-    assert key == "fp32 M<=64 N=69 K=37 out=23 split=0 dora=1"  # 11 items × 3 tokens = 33 rows
+    assert key == "fp32 M<=64 N=69 K=37 out=23 split=0 dora=1 base=fused"  # 11 items × 3 tokens = 33 rows
     tile = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_SIZE_M": 2, "num_warps": 4, "num_stages": 2}
     monkeypatch.setattr(triton_lora, "tuning", lambda name: cfg | {"tuned": {key: tile}})
     before = triton_lora.TILE_SOURCES["tuned"]
