@@ -10,14 +10,27 @@ from __future__ import annotations
 import pytest
 import torch
 
+from selora.kernels import triton_lora
+
 CUDA = torch.cuda.is_available()
 NO_GPU = "no CUDA GPU on this machine: the compiled-kernel cases (bf16 included) need one"
+# The compiled cases' one tile: offered for every dtype and base GEMM (default.json). The
+# autotuner's full list would compile each case's kernel once per candidate; that every
+# candidate compiles is checked by test_aot for sm_90/sm_80, here or anywhere.
+CUDA_TEST_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 16, "GROUP_SIZE_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 @pytest.fixture
-def interpreter(monkeypatch):
-    """Force the Triton backend; CPU tensors then run in Triton's interpreter."""
+def interpreter(monkeypatch, request):
+    """Force the Triton backend; CPU tensors then run in Triton's interpreter, CUDA tensors
+    compiled with one tile (tests marked ``autotune`` keep the real candidates)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("SELORA_KERNEL", "triton")
     monkeypatch.delenv("SELORA_SPLIT_SHRINK_RANK", raising=False)
     monkeypatch.delenv("SELORA_BASE_GEMM", raising=False)
+    if CUDA and request.node.get_closest_marker("autotune") is None:
+        real = triton_lora.tuning
+        monkeypatch.setattr(triton_lora, "tuning",
+                            lambda name: real(name) if name == "interpreter" else real(name) | {"configs": [CUDA_TEST_TILE]})
+        triton_lora._kernels.cache_clear()
+        request.addfinalizer(triton_lora._kernels.cache_clear)

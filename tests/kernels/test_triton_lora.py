@@ -135,3 +135,22 @@ def test_tuned_table_entry_gives_the_tile(interpreter, monkeypatch):
     y = lora_linear(inputs.x, inputs.weight, inputs.bias, inputs.layer)
     torch.testing.assert_close(y, expected(inputs, torch.float32), **TOLERANCE[torch.float32])
     assert triton_lora.TILE_SOURCES["tuned"] == before + 1
+
+
+@pytest.mark.autotune
+@pytest.mark.skipif(not CUDA, reason=NO_GPU)
+def test_autotuner_choice_is_recorded_for_the_tuning_file(interpreter):
+    """On a GPU without a ``tuned`` entry the autotuner picks among the candidates listed for
+    the dtype, and the choice is recorded (``benchmarks/kernel.py --save-tuning`` saves it)."""
+    run = build_case(CASES[1], seed=2).to(torch.bfloat16, "cuda")
+    cfg = triton_lora.tuning(torch.cuda.get_device_name())
+    _, [launch] = triton_lora.plan(run.x, run.weight, run.bias, run.layer, cfg)
+    key = triton_lora.tune_key(launch)
+    if key in cfg.get("tuned", {}):
+        pytest.skip(f"this GPU's tuning file already holds {key!r}")
+    before = triton_lora.TILE_SOURCES["autotuned"]
+    y = lora_linear(run.x, run.weight, run.bias, run.layer)
+    torch.testing.assert_close(y.float().cpu(), expected(build_case(CASES[1], seed=2), torch.bfloat16), **TOLERANCE[torch.bfloat16])
+    assert triton_lora.TILE_SOURCES["autotuned"] == before + 1
+    chosen = triton_lora.TUNED[key]
+    assert any(all(c[k] == chosen[k] for k in chosen) for c in cfg["configs"] if "bf16" in c["dtypes"])
