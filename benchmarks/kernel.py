@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--tokens", type=int, default=197, help="tokens per item (ViT-*/16 at 224 px: 197)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dims", type=int, nargs="+", default=None, help="only these model widths (split a long grid over calls)")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement (ms)")
     p.add_argument("--out", type=Path, default=None, help="output stem (default results/kernel or kernel_smoke)")
     p.add_argument("--save-tuning", action="store_true",
                    help="GPU: add the autotuner's choices of this run to selora/kernels/configs/<GPU>.json (the 'tuned' table)")
@@ -75,18 +78,20 @@ def sites(d: int) -> dict[str, tuple[int, int, int]]:
     return {"qkv": (d, 3 * d, 3), "out": (d, d, 1), "fc1": (d, 4 * d, 1), "fc2": (4 * d, d, 1)}
 
 
-def make_layer(torch, gen, d_in, d_out, n_blocks, groups, rank, fraction, device, dtype):
-    """Random adapters on one site: ``groups`` = item ranges of the adapters present."""
+def make_layer(torch, rng, gen, d_in, d_out, n_blocks, groups, rank, fraction, device, dtype):
+    """Random adapters on one site, made on ``device`` (``gen``: a generator there): ``groups``
+    = item ranges of the adapters present; each block active with probability ``fraction``
+    (drawn from ``rng``, a ``random.Random``)."""
     from selora.kernels.batch import DeviceBlock, pack_layer
 
     out_size, work, merged = d_out // n_blocks, [], []
     for start, end in groups:
-        delta = torch.zeros(d_out, d_in)
+        delta = torch.zeros(d_out, d_in, device=device)
         for b in range(n_blocks):
-            if torch.rand((), generator=gen).item() >= fraction:
+            if rng.random() >= fraction:
                 continue
-            a = torch.randn(rank, d_in, generator=gen) / math.sqrt(d_in)
-            bt = torch.randn(rank, out_size, generator=gen) / math.sqrt(rank)
+            a = torch.randn(rank, d_in, generator=gen, device=device) / math.sqrt(d_in)
+            bt = torch.randn(rank, out_size, generator=gen, device=device) / math.sqrt(rank)
             delta[b * out_size : (b + 1) * out_size] = 2.0 / rank * bt.t() @ a
             work.append((start, end, DeviceBlock(f"b{b}", b * out_size, a.to(device, dtype), bt.to(device, dtype), 2.0 / rank)))
         merged.append(delta)
@@ -159,10 +164,15 @@ def run(args) -> dict:
         dtype = torch.float32
         bench = cpu_bench
     else:
-        from triton.testing import do_bench as bench
-    grid = PRESETS["smoke" if args.smoke else args.preset]
+        from triton.testing import do_bench
+
+        bench = lambda fn: do_bench(fn, rep=args.rep_ms)  # noqa: E731
+    grid = dict(PRESETS["smoke" if args.smoke else args.preset])
+    if args.dims:
+        grid["dims"] = args.dims
     tokens = 3 if args.smoke else args.tokens
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    rng = random.Random(args.seed)
     rows = []
     for d, batch, rank, fraction, n_adapters in itertools.product(*grid.values()):
         present = min(n_adapters, batch)
@@ -170,10 +180,10 @@ def run(args) -> dict:
         per = (batch - base_items) // present
         groups = [(base_items + j * per, base_items + (j + 1) * per) for j in range(present)]
         for site, (d_in, d_out, n_blocks) in sites(d).items():
-            w = (torch.randn(d_out, d_in, generator=gen) / math.sqrt(d_in)).to(device, dtype)
-            b = (0.1 * torch.randn(d_out, generator=gen)).to(device, dtype)
-            x = torch.randn(batch, tokens, d_in, generator=gen).to(device, dtype)
-            layer, deltas = make_layer(torch, gen, d_in, d_out, n_blocks, groups, rank, fraction, device, dtype)
+            w = (torch.randn(d_out, d_in, generator=gen, device=device) / math.sqrt(d_in)).to(dtype)
+            b = (0.1 * torch.randn(d_out, generator=gen, device=device)).to(dtype)
+            x = torch.randn(batch, tokens, d_in, generator=gen, device=device).to(dtype)
+            layer, deltas = make_layer(torch, rng, gen, d_in, d_out, n_blocks, groups, rank, fraction, device, dtype)
             merged_w = [w + dl.to(device, dtype) for dl in deltas]
             fns = peers(torch, F, x, w, b, layer, groups, merged_w)
             if layer is not None:  # every peer computes the op: check before timing
