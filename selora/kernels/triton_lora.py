@@ -356,7 +356,6 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer
     return y, launches
 
 
-
 def shrink_grid(layer: LayerBatch, tokens: int, tile: dict) -> tuple[int, int, int]:
     """(entries, row tiles of the largest entry, rank tiles of the largest rank)."""
     max_rows = max(e.item_end - e.item_start for e in layer.entries) * tokens
@@ -386,7 +385,10 @@ def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             continue
         if launch.flags["BASE_FROM_Y"]:  # the library's GEMM writes x·W0ᵀ + b into y first
             x2 = launch.args[0]
-            torch.mm(x2, weight.t(), out=y) if bias is None else torch.addmm(bias, x2, weight.t(), out=y)
+            if bias is None:
+                torch.mm(x2, weight.t(), out=y)
+            else:
+                torch.addmm(bias, x2, weight.t(), out=y)
         key = tune_key(launch)
         tile = cfg.get("tuned", {}).get(key) or (cfg["configs"][0] if autotuned is None else None)
         if tile is not None:
