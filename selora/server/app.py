@@ -18,6 +18,7 @@ from selora.kernels.ops import kernel_backend
 from selora.models.factory import load_backbone
 from selora.runtime.engine import Engine
 from selora.runtime.registry import AdapterRegistry
+from selora.runtime.warmup import warm_up
 from selora.server import errors
 from selora.server.metrics import Metrics
 from selora.server.routes import router
@@ -28,17 +29,20 @@ log = logging.getLogger("selora.server")
 
 def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     """Load the base model, preload the adapter root, return an (unstarted) engine."""
-    backbone = load_backbone(settings.model, settings.weights)
+    backbone = load_backbone(settings.model, settings.weights, settings.torch_device(), settings.torch_dtype())
     registry = AdapterRegistry(
         backbone, settings.adapter_root, int(settings.host_cache_mb * MiB), int(settings.device_cache_mb * MiB),
         metrics.on_registry_event if metrics else None,
     )
     names = registry.preload()
     log.info(
-        "base %s (%s, %d blocks, fingerprint %s) on %s; kernel backend %s; %d adapters from %s",
+        "base %s (%s, %d blocks, fingerprint %s) on %s in %s; kernel backend %s; %d adapters from %s",
         backbone.model_id, backbone.library, len(backbone.blocks), backbone.fingerprint, backbone.device,
-        kernel_backend(backbone.device), len(names), registry.root,
+        str(backbone.dtype).removeprefix("torch."), kernel_backend(backbone.device), len(names), registry.root,
     )
+    warmed = warm_up(backbone, settings.max_batch_size)  # compiles the GPU kernels before /ready
+    if warmed:
+        log.info("warm-up: %d forwards compiled and tuned the kernel for batches up to %d", warmed, settings.max_batch_size)
     return Engine(
         backbone, registry, settings.limits, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
         metrics.on_batch if metrics else None,

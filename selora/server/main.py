@@ -17,5 +17,9 @@ def run(args: argparse.Namespace) -> int:
     from selora.server.app import create_app
 
     settings = settings_module.Settings.load(args)
+    try:  # a device or dtype this machine cannot honour stops here, before the server starts
+        settings.torch_dtype()
+    except settings_module.SettingsError as e:
+        raise SystemExit(f"selora serve: {e}") from None
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0

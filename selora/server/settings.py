@@ -11,16 +11,25 @@ import os
 from dataclasses import dataclass, fields
 from typing import Mapping
 
+import torch
+
 from selora.models.factory import DEFAULT_MODEL
 from selora.runtime.inputs import Limits
 
 MiB = 1 << 20
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be honoured on this machine; the message says which and why."""
 
 
 @dataclass(frozen=True)
 class Settings:
     model: str = DEFAULT_MODEL  # dinov2-small | open_clip:<config> | timm:<name> | a named config
     weights: str | None = None  # open_clip pretrained tag or local safetensors file
+    device: str = "auto"  # auto (cuda if visible, else cpu) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
     adapter_root: str = "adapters"  # adapter directories, preloaded at start; uploads land here
     host: str = "127.0.0.1"
     port: int = 8000
@@ -41,6 +50,26 @@ class Settings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * MiB)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SettingsError(f"device {self.device!r} asked for, but no CUDA GPU is visible")
+        if device.type not in ("cpu", "cuda"):
+            raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return device
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        return DTYPES[self.dtype]
 
     @classmethod
     def load(cls, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> "Settings":
@@ -66,6 +95,8 @@ def _convert(f, raw):
 HELP = {
     "model": "base model: dinov2-small, open_clip:<config>, timm:<name> or a named config",
     "weights": "open_clip pretrained tag or local .safetensors file",
+    "device": "where the base model runs: auto (cuda if visible, else cpu), cpu, cuda or cuda:N",
+    "dtype": "its weights' dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16",
     "adapter_root": "directory of adapter directories: preloaded at start, uploads written here",
     "host": "address to bind",
     "port": "port to bind",

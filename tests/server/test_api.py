@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -165,3 +166,22 @@ def test_clip_zero_shot_head_scores_exactly_as_zero_shot_labels(tmp_path, tiny_c
         h_scores = {p["label"]: p["score"] for p in h["predictions"]}
         z_scores = {p["label"]: p["score"] for p in z["predictions"]}
         assert h_scores == pytest.approx(z_scores, abs=1e-4)
+
+
+def test_a_bfloat16_base_serves_the_same_embeddings(tmp_path, tiny_vit):
+    """A base loaded in bf16 (the default on a GPU) serves embeddings (adapter included) that
+    match the fp32 base's to bf16 precision."""
+    from selora.models import load_backbone
+
+    write_adapter(tiny_vit, tmp_path, "a", "dora", active=list(tiny_vit.blocks)[:3], seed=5)
+    images = [image_b64(0), image_b64(1)]
+    got = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)  # the tiny_vit fixture's random weights, in bf16
+        backbone = tiny_vit if dtype == torch.float32 else load_backbone("tiny-vit", dtype=dtype)
+        with TestClient(make_app(backbone, tmp_path)) as client:
+            assert client.get("/v1/models").json()["base"]["dtype"] == str(dtype)
+            out = client.post("/v1/embeddings", json={"model": "a", "input": images}).json()
+        got[dtype] = torch.tensor([d["embedding"] for d in out["data"]])
+    cos = torch.nn.functional.cosine_similarity(got[torch.float32], got[torch.bfloat16], dim=-1)
+    assert (cos > 0.99).all(), cos

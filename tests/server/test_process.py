@@ -11,11 +11,13 @@ import threading
 import time
 
 import httpx
+import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from selora.server.app import create_app
 from selora.server.main import add_arguments
-from selora.server.settings import Settings
+from selora.server.settings import Settings, SettingsError
 from tests.server.conftest import image_b64, make_app, run_with_client, write_adapter
 
 
@@ -65,6 +67,23 @@ def test_settings_precedence_flags_over_env_over_defaults():
     assert Settings.load(None, {}).model == "dinov2-small"
 
 
+def test_device_and_dtype_settings():
+    cpu_only = not torch.cuda.is_available()
+    auto = Settings()
+    assert auto.torch_device().type == ("cpu" if cpu_only else "cuda")
+    assert auto.torch_dtype() == (torch.float32 if cpu_only else torch.bfloat16)
+    assert Settings(device="cpu", dtype="bfloat16").torch_dtype() == torch.bfloat16
+    for bad, words in [(Settings(device="tpu"), "device must be"), (Settings(dtype="int8"), "dtype must be")] + (
+            [(Settings(device="cuda"), "no CUDA GPU")] if cpu_only else []):
+        with pytest.raises(SettingsError, match=words):
+            bad.torch_dtype()
+
+
+def test_serve_refuses_a_device_it_cannot_use():
+    out = subprocess.run([sys.executable, "-m", "selora.cli", "serve", "--dtype", "int8"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "selora serve: dtype must be auto or one of float32, bfloat16, float16" in out.stderr
+
+
 def test_not_ready_while_loading_or_after_a_failed_load(tmp_path):
     with TestClient(create_app(Settings(model="no-such-model", adapter_root=str(tmp_path)))) as client:
         assert client.get("/health").status_code == 200
@@ -88,7 +107,9 @@ def test_overload_answers_429_with_retry_after(tmp_path, tiny_vit):
         busy.set()
         return await asyncio.gather(*tasks)
 
-    app = make_app(tiny_vit, tmp_path, max_batch_size=2, max_wait_ms=1.0, max_queue=3)
+    # max_wait long enough that the held batch is always a full 2 rows: with 1 ms, a slow decode
+    # of the second image made it 1 row, and 4 requests (not 5) were admitted.
+    app = make_app(tiny_vit, tmp_path, max_batch_size=2, max_wait_ms=500.0, max_queue=3)
     responses = run_with_client(app, flood)
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * 5 + [429] * 5
