@@ -36,7 +36,8 @@ class GridSpec:
 def _inputs(backbone: Backbone, batch: int, device) -> dict[str, torch.Tensor]:
     size = backbone.model.patch_embed.img_size if backbone.library == "timm" else backbone.model.visual.image_size
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    out = {"image": torch.zeros(batch, 3, *size, device=device)}
+    dtype = torch.float32 if device == "meta" else backbone.dtype
+    out = {"image": torch.zeros(batch, 3, *size, device=device, dtype=dtype)}
     if "text" in backbone.modalities:
         out["text"] = backbone.tokenize(["a photo of a dog"] * batch).to(device)
     return out

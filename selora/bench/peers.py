@@ -99,9 +99,11 @@ def peft_model(pristine: Backbone, r: int, dora: bool, adapters: Sequence[Sequen
     from peft import get_peft_model
 
     targets = [PEFT_SITES if a is None else peft_sites(pristine, a) for a in adapters]
-    model = get_peft_model(copy.deepcopy(pristine.model), _peft_config(r, dora, targets[0]), adapter_name="a0")
+    # autocast_adapter_dtype=False: adapters in the base's dtype (PEFT would upcast bf16 ones to fp32)
+    model = get_peft_model(copy.deepcopy(pristine.model), _peft_config(r, dora, targets[0]), adapter_name="a0",
+                           autocast_adapter_dtype=False)
     for i, target in enumerate(targets[1:], start=1):
-        model.add_adapter(f"a{i}", _peft_config(r, dora, target))
+        model.add_adapter(f"a{i}", _peft_config(r, dora, target), autocast_adapter_dtype=False)
     return model.eval()
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from selora.bench import grid, peers
 from selora.bench.report import write_report
+from selora.models.factory import DTYPES
 from selora.bench.synthetic import PAPER_FRACTIONS
 
 ALL_RANKS = (4, 8, 16, 32, 64, 128, 256)
@@ -43,6 +44,7 @@ class Preset:
     reps: int = 5
     tenant_reps: int = 3
     device: str = "cpu"
+    dtype: str = "float32"  # of the timed models (FLOPs do not depend on it)
     threads: int = 2
     budget_gib: float = 1.0
     stages: tuple[str, ...] = ("flops", "latency", "multitenant")
@@ -53,7 +55,7 @@ PRESETS = {
     "full": Preset(
         timing_models=("timm:vit_small_patch16_224", "timm:vit_base_patch16_224"), latency_ranks=ALL_RANKS,
         batches=(1, 8, 64, 256), tenant_ranks=(16, 128), tenants=(1, 8, 32, 64), tenant_batch=64,
-        warmup=3, reps=20, tenant_reps=10, device="cuda", budget_gib=8.0,
+        warmup=3, reps=20, tenant_reps=10, device="cuda", dtype="bfloat16", budget_gib=8.0,
     ),
 }
 
@@ -76,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, help="timed rounds (each runs every variant once)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (also sets OMP_NUM_THREADS)")
     parser.add_argument("--device", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the timed models (every peer runs in it)")
     parser.add_argument("--budget-gib", type=float, help="memory budget for the adapters-that-fit column")
     parser.add_argument("--blocks", type=strs, default=None, help="the chosen block set of the FLOP grid")
     parser.add_argument("--stages", type=strs, help="subset of flops,latency,multitenant")
@@ -89,7 +92,7 @@ def _preset(args) -> Preset:
         "flop_models": args.models, "flop_ranks": args.ranks, "timing_models": args.timing_models,
         "latency_ranks": args.latency_ranks, "batches": args.batches, "tenants": args.tenants,
         "tenant_ranks": args.tenant_ranks, "tenant_batch": args.tenant_batch, "warmup": args.warmup,
-        "reps": args.reps, "threads": args.threads, "device": args.device, "budget_gib": args.budget_gib,
+        "reps": args.reps, "threads": args.threads, "device": args.device, "dtype": args.dtype, "budget_gib": args.budget_gib,
         "stages": args.stages,
     }
     return replace(p, **{k: v for k, v in overrides.items() if v is not None})
@@ -141,7 +144,7 @@ def run_suite(p: Preset, preset_name: str, command: str, blocks=None, note: str 
             del bb
         result["memory"] = grid.memory_rows(result["flops"], int(p.budget_gib * 2**30))
     for model_id in p.timing_models if {"latency", "multitenant"} & set(p.stages) else ():
-        pristine = load_backbone(model_id, device=p.device)
+        pristine = load_backbone(model_id, device=p.device, dtype=DTYPES[p.dtype])
         served = peers.pristine_copy(pristine)
         n_var = 9 if pristine.library == "timm" else 7
         if "latency" in p.stages:

@@ -140,6 +140,10 @@ def _load_timm(cfg: dict, weights: str | None):
     return model, timm.data.create_transform(**data_cfg), None, model.num_features
 
 
+# The dtypes a base can be loaded in, by the names settings and benchmarks use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_backbone(
     model_id: str = DEFAULT_MODEL,
     weights: str | None = None,

@@ -13,11 +13,10 @@ from typing import Mapping
 
 import torch
 
-from selora.models.factory import DEFAULT_MODEL
+from selora.models.factory import DEFAULT_MODEL, DTYPES
 from selora.runtime.inputs import Limits
 
 MiB = 1 << 20
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SettingsError(ValueError):

@@ -77,3 +77,19 @@ def test_unknown_chosen_block_is_a_clear_error(tiny_vit):
 def test_peft_peer_needs_a_timm_model(tiny_clip):
     with pytest.raises(peers.PeerError, match="timm"):
         peers.peft_model(tiny_clip, 4, False)
+
+
+def test_timed_peers_run_in_the_bases_dtype():
+    """In bf16 (the GPU preset's dtype) every timed peer runs, PEFT's adapters included."""
+    import torch
+
+    from selora.bench import grid, peers
+    from selora.models import load_backbone
+
+    torch.manual_seed(0)
+    pristine = load_backbone("tiny-vit", dtype=torch.bfloat16)
+    rows = grid.latency_grid(pristine, peers.pristine_copy(pristine), ranks=(4,), batches=(2,), gated_fraction=0.1,
+                             warmup=0, reps=1)
+    assert {(r["method"], r["variant"]) for r in rows} >= {("base", None), ("selora_gated", "dora"), ("peft", "dora"), ("merged", "lora")}
+    model = peers.peft_model(pristine, 4, dora=True)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
