@@ -20,7 +20,6 @@ ptxas that compiled it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
