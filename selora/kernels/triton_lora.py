@@ -389,17 +389,22 @@ def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                 torch.mm(x2, weight.t(), out=y)
             else:
                 torch.addmm(bias, x2, weight.t(), out=y)
-        key = tune_key(launch)
-        tile = cfg.get("tuned", {}).get(key) or (cfg["configs"][0] if autotuned is None else None)
+        tuned = cfg.get("tuned")
+        tile = tuned.get(tune_key(launch)) if tuned else None
+        source = "tuned" if tile is not None else "fixed"
+        if tile is None and autotuned is None:
+            tile = cfg["configs"][0]  # the interpreter's one tile
         if tile is not None:
             grid = (triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(d_out, tile["BLOCK_N"]),)
             options = {} if autotuned is None else dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"])
             fused[grid](*launch.args, **launch.flags, **{k: tile[k] for k in TILE}, **options)
-            TILE_SOURCES["tuned" if key in cfg.get("tuned", {}) else "fixed"] += 1
+            TILE_SOURCES[source] += 1
         else:
+            known = len(autotuned.cache)
             autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)](*launch.args, **launch.flags)
-            best = autotuned.best_config
-            TUNED[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+            if len(autotuned.cache) > known:  # this key was tuned just now: keep its choice for the tuning file
+                best = autotuned.best_config
+                TUNED[tune_key(launch)] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
             TILE_SOURCES["autotuned"] += 1
         LAUNCHES[launch.name] += 1
     return y.view(*x.shape[:-1], d_out)

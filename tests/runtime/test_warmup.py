@@ -14,9 +14,14 @@ def test_torch_backend_has_nothing_to_warm(tiny_vit, monkeypatch):
 def test_warm_up_meets_every_kernel_key_of_the_batches(tiny_vit, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("SELORA_KERNEL", "triton")
-    keys = []
-    real = triton_lora.tune_key
-    monkeypatch.setattr(triton_lora, "tune_key", lambda launch: keys.append(real(launch)) or keys[-1])
+    keys, real_plan = [], triton_lora.plan
+
+    def plan(*args, **kwargs):  # records the kernel key of every fused launch
+        y, launches = real_plan(*args, **kwargs)
+        keys.extend(triton_lora.tune_key(launch) for launch in launches if launch.name == "lora_linear")
+        return y, launches
+
+    monkeypatch.setattr(triton_lora, "plan", plan)
     assert warm_up(tiny_vit, 2, force=True) == len(VARIANTS) * 2
     fields = [dict(f.split("=") for f in k.split(" ")[2:]) for k in keys]  # N, K, out, split, dora, base
     assert {(f["split"], f["dora"]) for f in fields} == {("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")}
