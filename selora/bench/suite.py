@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from selora.bench import grid, peers
 from selora.bench.report import write_report
-from selora.models.factory import DTYPES
 from selora.bench.synthetic import PAPER_FRACTIONS
+from selora.models.factory import DTYPES
 
 ALL_RANKS = (4, 8, 16, 32, 64, 128, 256)
 FLOP_MODELS = ("open_clip:ViT-B-16", "timm:vit_small_patch16_224", "timm:vit_base_patch16_224", "dinov2-small")

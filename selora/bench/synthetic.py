@@ -1,4 +1,5 @@
-"""Synthetic sparse adapters for benchmarks: random A/B on a chosen set of active blocks.
+"""Synthetic sparse adapters for benchmarks (and the server's kernel warm-up): random A/B on a
+chosen set of active blocks.
 
 Values do not matter for FLOPs or speed; shapes, rank and which blocks are active do. The
 default block order follows the paper's Figures 10-11 (activations concentrate in the first

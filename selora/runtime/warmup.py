@@ -4,7 +4,7 @@ On a GPU the first call of each kernel key (row bucket, site shape, LoRA/DoRA, f
 shrink) JIT-compiles the kernel and autotunes its tile; a request that met such a call would
 wait for it (a minute or more on a fresh machine; Triton's disk caches make later starts fast).
 ``warm_up`` makes those calls at start-up instead: for each modality, each kernel variant (a
-synthetic adapter with every block active) and each batch size up to the server's largest, one
+random adapter with every block active) and each batch size up to the server's largest, one
 forward. The torch backend has nothing to compile, so there it does nothing.
 """
 
@@ -15,26 +15,14 @@ import logging
 import torch
 from PIL import Image
 
-from selora.adapters.format import BlockWeights, SparseAdapter
+from selora.bench.synthetic import random_adapter
 from selora.kernels.ops import kernel_backend
 from selora.models.factory import Backbone
-from selora.runtime.batch import DeviceAdapter, forward_mixed, to_device
+from selora.runtime.batch import forward_mixed, to_device
 
 log = logging.getLogger("selora.warmup")
 # (variant, rank): one adapter per kernel specialisation (DoRA or not × shrink fused or split).
 VARIANTS = (("lora", 16), ("dora", 16), ("lora", 64), ("dora", 64))
-
-
-def synthetic_adapter(backbone: Backbone, variant: str, rank: int) -> DeviceAdapter:
-    """Every block of the base active, small random weights: only its shapes matter."""
-    gen = torch.Generator().manual_seed(0)
-    blocks = {}
-    for block_id, spec in backbone.blocks.items():
-        a = torch.randn(rank, spec.d_in, generator=gen) * 0.01
-        b = torch.randn(spec.d_out, rank, generator=gen) * 0.01
-        blocks[block_id] = BlockWeights(a, b, torch.ones(spec.d_out) if variant == "dora" else None)
-    sparse = SparseAdapter(backbone.model_id, backbone.fingerprint, variant, rank, float(rank), blocks)
-    return to_device(sparse, backbone)
 
 
 def sample_inputs(backbone: Backbone, modality: str) -> torch.Tensor:
@@ -51,7 +39,9 @@ def warm_up(backbone: Backbone, max_batch_size: int, force: bool = False) -> int
     ``force`` runs even when the backend compiles nothing (tests use it with the interpreter)."""
     if kernel_backend(backbone.device) != "triton" and not force:
         return 0
-    adapters = [synthetic_adapter(backbone, variant, rank) for variant, rank in VARIANTS]
+    every_block = list(backbone.blocks)
+    adapters = [to_device(random_adapter(backbone.blocks, every_block, rank, variant, base_model=backbone.model_id), backbone)
+                for variant, rank in VARIANTS]
     runs = 0
     for modality in backbone.modalities:
         one = sample_inputs(backbone, modality).to(backbone.device)
