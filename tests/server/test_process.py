@@ -97,19 +97,24 @@ def test_not_ready_while_loading_or_after_a_failed_load(tmp_path):
 
 def test_overload_answers_429_with_retry_after(tmp_path, tiny_vit):
     async def flood(client):
+        engine = app.state.engine
         busy = threading.Event()  # hold the forward thread so the queue cannot drain meanwhile
-        app.state.engine._forward_pool.submit(busy.wait)
+        engine._forward_pool.submit(busy.wait)
         body = {"model": "base", "input": [image_b64(0)]}
-        tasks = [asyncio.create_task(client.post("/v1/embeddings", json=body)) for _ in range(10)]
+        post = lambda: asyncio.create_task(client.post("/v1/embeddings", json=body))  # noqa: E731
         deadline = time.monotonic() + 30
-        while sum(t.done() for t in tasks) < 5 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # 2 rows in the held batch + 3 queued; the other 5 are refused
+        held = [post(), post()]  # one batch of 2 rows, waiting behind the held thread
+        while engine._forward_pool._work_queue.qsize() < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        rest = [post() for _ in range(8)]  # 3 fill the queue, the other 5 are refused
+        while sum(t.done() for t in rest) < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         busy.set()
-        return await asyncio.gather(*tasks)
+        return await asyncio.gather(*held, *rest)
 
-    # max_wait long enough that the held batch is always a full 2 rows: with 1 ms, a slow decode
-    # of the second image made it 1 row, and 4 requests (not 5) were admitted.
-    app = make_app(tiny_vit, tmp_path, max_batch_size=2, max_wait_ms=500.0, max_queue=3)
+    # Admission is decided against the queue as requests arrive, so the test lets the first batch
+    # leave the queue before the flood (a long max_wait makes that batch a full 2 rows).
+    app = make_app(tiny_vit, tmp_path, max_batch_size=2, max_wait_ms=2000.0, max_queue=3)
     responses = run_with_client(app, flood)
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * 5 + [429] * 5
