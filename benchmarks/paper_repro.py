@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from selora.adapters.evaluate import adapter_from_sparse, batched_embed, evaluate, knn_top1, set_resolution
+from selora.training.evaluate import adapter_from_sparse, batched_embed, evaluate, knn_top1, set_resolution
 from selora.adapters.format import load_adapter
-from selora.adapters.data import load_split
-from selora.adapters.train import Trainer
-from selora.adapters.train_config import load_train_config
+from selora.training.data import load_split
+from selora.training.train import Trainer
+from selora.training.config import load_train_config
 from selora.models import load_backbone
 
 RESULTS = Path(__file__).parent / "results"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selora.adapters.inspect import plot_heatmap
+from selora.training.inspect import plot_heatmap
 from selora.models.blocks import KINDS
 
 NUM_BLOCKS = 72  # DINOv2-S: 12 layers x 6 kinds

@@ -59,37 +59,25 @@ def serve_quick(args) -> None:
     """Worker process: the app of ``selora serve`` on the quick backbone."""
     import uvicorn
 
-    from selora.runtime.engine import Engine
-    from selora.runtime.registry import AdapterRegistry
-    from selora.server.app import create_app
-    from selora.server.settings import MiB, Settings
+    from selora.server.app import build_engine, create_app
+    from selora.server.settings import Settings
 
     settings = Settings(model=QUICK_MODEL, adapter_root=args.adapter_root, port=args.port)
-    backbone = quick_backbone()
-    registry = AdapterRegistry(backbone, settings.adapter_root, int(settings.host_cache_mb * MiB), int(settings.device_cache_mb * MiB))
-    registry.preload()
-    engine = Engine(backbone, registry, settings.limits, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
+    engine = build_engine(settings, backbone=quick_backbone())
     uvicorn.run(create_app(settings, engine), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 def write_adapters(backbone, root: Path, count: int, fraction: float, r: int, seed: int = 0) -> list[str]:
     """``count`` LoRA adapters, each with ``round(fraction * blocks)`` random active blocks."""
-    import torch
-
-    from selora.adapters.format import BlockWeights, SparseAdapter, save_adapter
+    from selora.adapters.format import save_adapter
+    from selora.adapters.synthetic import random_adapter
 
     rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
     blocks = list(backbone.blocks)
     k = max(1, round(fraction * len(blocks)))
     names = []
     for i in range(count):
-        chosen = rng.sample(blocks, k)
-        weights = {
-            b: BlockWeights(torch.randn(r, backbone.blocks[b].d_in, generator=gen) * 0.02, torch.randn(backbone.blocks[b].d_out, r, generator=gen) * 0.02)
-            for b in chosen
-        }
-        adapter = SparseAdapter(backbone.model_id, backbone.fingerprint, "lora", r, float(r), weights, {"gated": True})
+        adapter = random_adapter(backbone.blocks, rng.sample(blocks, k), r, seed=seed + i, base_model=backbone.model_id)
         save_adapter(adapter, root / f"ad{i:02d}")
         names.append(f"ad{i:02d}")
     return names

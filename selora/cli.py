@@ -10,10 +10,10 @@ import sys
 
 COMMANDS = {
     "serve": ("selora.server.main", "serve embeddings and classification with many adapters over REST"),
-    "inspect": ("selora.adapters.inspect", "summarise an adapter and draw its active-block heatmap"),
+    "inspect": ("selora.training.inspect", "summarise an adapter and draw its active-block heatmap"),
     "bench": ("selora.bench.suite", "FLOPs, latency, multi-tenant throughput and memory against PEFT, merged and base"),
-    "train": ("selora.adapters.train", "train a sparse gated LoRA/DoRA adapter (or a baseline) on a frozen base"),
-    "eval": ("selora.adapters.evaluate", "top-1, retention k-NN before/after, CLIP zero-shot and retrieval"),
+    "train": ("selora.training.train", "train a sparse gated LoRA/DoRA adapter (or a baseline) on a frozen base"),
+    "eval": ("selora.training.evaluate", "top-1, retention k-NN before/after, CLIP zero-shot and retrieval"),
 }
 
 

@@ -98,9 +98,13 @@ class GatedAdapter(nn.Module):
         a, b = self.lora_A[k], self.lora_B[k]
         out = base_out + s * F.linear(F.linear(x, a), b)
         if self.config.variant == "dora":
-            norm = (w0 + s * (b @ a)).norm(dim=1)
-            out = out * (self.magnitude[k] / norm)
+            out = out * (self.magnitude[k] / dora_norm(w0, a, b, s))
         return out
+
+
+def dora_norm(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """DoRA's denominator ``‖W0 + scale·B·A‖`` per output row (over the input dimension), ``[d_out]``."""
+    return (w0 + scale * (lora_b @ lora_a)).norm(dim=1)
 
 
 def base_embed_dim(model: nn.Module) -> int:

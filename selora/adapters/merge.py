@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 
 from selora.adapters.format import SparseAdapter
+from selora.adapters.lora import dora_norm
 from selora.models.factory import Backbone
 
 
 def merged_block_weight(w0: torch.Tensor, adapter: SparseAdapter, block_id: str) -> torch.Tensor:
     """``W0 + s·B·A`` (LoRA) or ``m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row`` (DoRA), in fp32."""
     blk = adapter.blocks[block_id]
-    w = w0.float() + adapter.scale * (blk.lora_B.float() @ blk.lora_A.float())
+    a, b, w0 = blk.lora_A.float(), blk.lora_B.float(), w0.float()
+    w = w0 + adapter.scale * (b @ a)
     if adapter.variant == "dora":
-        w = blk.magnitude.float()[:, None] * w / w.norm(dim=1, keepdim=True)
+        w = (blk.magnitude.float() / dora_norm(w0, a, b, adapter.scale))[:, None] * w
     return w
 
 

@@ -11,10 +11,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from selora.adapters.merge import merge_into
+from selora.adapters.synthetic import random_adapter
 from selora.bench import peers
 from selora.bench.flops import closed_form_flops, counted_flops, peft_added_flops
-from selora.bench.synthetic import PAPER_FRACTIONS, active_count, paper_block_order, random_adapter
-from selora.adapters.merge import merge_into
+from selora.bench.synthetic import PAPER_FRACTIONS, active_count, paper_block_order
 from selora.bench.timing import summarize, time_interleaved
 from selora.models.factory import Backbone
 from selora.runtime.batch import forward_mixed, to_device

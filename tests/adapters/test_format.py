@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from selora.adapters import export_adapter, load_adapter, save_adapter
 from selora.adapters import format as fmt
 from selora.models import load_backbone
-from tests.conftest import make_adapter
+from tests.helpers import make_adapter
 
 
 @pytest.fixture()

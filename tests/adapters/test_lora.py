@@ -1,7 +1,7 @@
 import torch
 
 from selora.adapters import AdapterConfig, GatedAdapter, attached, inject
-from tests.conftest import make_adapter
+from tests.helpers import make_adapter
 
 
 def _embed(bb, x, adapter=None):

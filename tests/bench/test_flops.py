@@ -8,7 +8,8 @@ import torch
 
 from selora.bench import grid, peers
 from selora.bench.flops import base_flops, closed_form_flops, counted_flops, peft_added_flops, tower_tokens
-from selora.bench.synthetic import paper_block_order, random_adapter
+from selora.adapters.synthetic import random_adapter
+from selora.bench.synthetic import paper_block_order
 from selora.runtime.batch import forward_mixed, to_device
 
 

@@ -8,7 +8,7 @@ import torch
 from selora.adapters import export_adapter, inject
 from selora.kernels import triton_lora
 from selora.runtime.batch import forward_mixed, to_device
-from tests.conftest import make_adapter
+from tests.helpers import make_adapter
 
 
 @pytest.mark.parametrize("backbone_name", ["tiny_vit", "tiny_clip"])

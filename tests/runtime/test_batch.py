@@ -6,7 +6,7 @@ import torch
 from selora.adapters import export_adapter, inject, load_adapter, save_adapter
 from selora.adapters.merge import merge_into
 from selora.runtime.batch import build_batch, forward_mixed, plan_rows, to_device
-from tests.conftest import make_adapter
+from tests.helpers import make_adapter
 
 
 def test_plan_rows_groups_stably():

@@ -6,16 +6,9 @@ import torch.nn.functional as F
 
 from selora.models.prompts import zero_shot_weights
 from selora.runtime.batch import forward_mixed, to_device
-from selora.runtime.engine import Engine, EngineStoppedError, NoClassifierError, OverloadedError
+from selora.runtime.engine import EngineStoppedError, NoClassifierError, OverloadedError
 from selora.runtime.inputs import Limits, preprocess_images
-from selora.runtime.registry import AdapterRegistry
-from tests.server.conftest import image_b64, write_adapter
-
-
-def _engine(backbone, root, **kw):
-    reg = AdapterRegistry(backbone, root, 1 << 24, 1 << 24)
-    reg.preload()
-    return Engine(backbone, reg, Limits(), **kw)
+from tests.helpers import image_b64, make_engine, write_adapter
 
 
 async def _running(engine, coro_fn):
@@ -30,7 +23,7 @@ def test_mixed_texts_and_images_in_one_cycle_equal_forward_mixed(tmp_path, tiny_
     blocks = list(tiny_clip.blocks)
     sa = write_adapter(tiny_clip, tmp_path, "a", active=blocks[:3] + blocks[-2:], seed=1)
     sb = write_adapter(tiny_clip, tmp_path, "b", "dora", active=blocks[5:9] + blocks[14:16], seed=2)
-    engine = _engine(tiny_clip, tmp_path, max_batch_size=64, max_wait_ms=100.0)
+    engine = make_engine(tiny_clip, tmp_path, max_batch_size=64, max_wait_ms=100.0)
     imgs = [image_b64(i) for i in range(4)]
     texts = ["a cat", "a dog", "a car"]
     batches = []
@@ -55,7 +48,7 @@ def test_mixed_texts_and_images_in_one_cycle_equal_forward_mixed(tmp_path, tiny_
 def test_zero_shot_runs_prompts_under_the_adapter(tmp_path, tiny_clip):
     blocks = list(tiny_clip.blocks)
     sa = write_adapter(tiny_clip, tmp_path, "a", active=[b for b in blocks if b.startswith("text")][:4], seed=3)
-    engine = _engine(tiny_clip, tmp_path)
+    engine = make_engine(tiny_clip, tmp_path)
     labels = ["cat", "dog", "plane"]
     preds = asyncio.run(_running(engine, lambda: engine.classify("a", [image_b64(0)], labels, top_k=3)))[0]
     dev = to_device(sa, tiny_clip)
@@ -69,7 +62,7 @@ def test_zero_shot_runs_prompts_under_the_adapter(tmp_path, tiny_clip):
 
 
 def test_bounded_queue_refuses_with_retry_after(tmp_path, tiny_vit):
-    engine = _engine(tiny_vit, tmp_path, max_batch_size=2, max_wait_ms=200.0, max_queue=3)
+    engine = make_engine(tiny_vit, tmp_path, max_batch_size=2, max_wait_ms=200.0, max_queue=3)
 
     async def flood():
         return await asyncio.gather(*(engine.embed("base", "image", [image_b64(i)]) for i in range(8)), return_exceptions=True)
@@ -81,7 +74,7 @@ def test_bounded_queue_refuses_with_retry_after(tmp_path, tiny_vit):
 
 
 def test_stopped_engine_and_missing_head(tmp_path, tiny_vit):
-    engine = _engine(tiny_vit, tmp_path)
+    engine = make_engine(tiny_vit, tmp_path)
     with pytest.raises(EngineStoppedError):
         asyncio.run(engine.embed("base", "image", [image_b64(0)]))
     with pytest.raises(NoClassifierError):

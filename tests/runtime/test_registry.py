@@ -11,7 +11,7 @@ from selora.runtime.registry import (
     UnknownAdapterError,
     UnsafePathError,
 )
-from tests.server.conftest import write_adapter
+from tests.helpers import write_adapter
 
 
 def _state(reg: AdapterRegistry):

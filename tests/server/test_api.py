@@ -13,9 +13,9 @@ from PIL import Image
 from selora.adapters import export_adapter, save_adapter
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
 from selora.adapters.inject import attached
-from selora.adapters.train import set_zero_shot_head
-from tests.conftest import make_adapter
-from tests.server.conftest import image_b64, make_app, write_adapter
+from selora.training.train import set_zero_shot_head
+from tests.helpers import make_adapter
+from tests.helpers import image_b64, make_app, write_adapter
 
 
 def _error(resp, status, kind):

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from selora.server.app import create_app
 from selora.server.main import add_arguments
 from selora.server.settings import Settings, SettingsError
-from tests.server.conftest import image_b64, make_app, run_with_client, write_adapter
+from tests.helpers import image_b64, make_app, run_with_client, write_adapter
 
 
 def _free_port() -> int:

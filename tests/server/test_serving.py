@@ -16,8 +16,8 @@ from selora.adapters import attached, export_adapter, load_adapter
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
 from selora.adapters.merge import merge_into
 from selora.runtime.batch import forward_mixed, to_device
-from tests.conftest import make_adapter
-from tests.server.conftest import image_b64, make_app, run_with_client, write_adapter
+from tests.helpers import make_adapter
+from tests.helpers import image_b64, make_app, run_with_client, write_adapter
 
 
 def _pixels(backbone, b64: str) -> torch.Tensor:

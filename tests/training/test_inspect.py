@@ -2,7 +2,7 @@ import json
 
 from selora.adapters import export_adapter, save_adapter
 from selora.cli import main
-from tests.conftest import make_adapter
+from tests.helpers import make_adapter
 
 
 def test_inspect_prints_summary_and_writes_heatmap(tmp_path, tiny_clip, capsys):

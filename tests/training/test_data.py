@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selora.adapters import data as D
-from selora.adapters.data import DataError, load_split, restricted_load, to_pixels
+from selora.training import data as D
+from selora.training.data import DataError, load_split, restricted_load, to_pixels
 
 
 class _Evil:

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from selora.adapters.checkpoint import load_state, save_state
+from selora.training.checkpoint import load_state, save_state
 from selora.adapters.config import ConfigError
-from selora.adapters.data import DataError, ImageSet, load_split, to_pixels
-from selora.adapters.evaluate import batched_embed, classify_top1, normalization, set_resolution, zero_shot_top1
+from selora.training.data import DataError, ImageSet, load_split, to_pixels
+from selora.training.evaluate import batched_embed, classify_top1, normalization, set_resolution, zero_shot_top1
 from selora.adapters.format import save_adapter
 from selora.adapters.inject import attach, detach
 from selora.adapters.lora import GatedAdapter, export_adapter
-from selora.adapters.train_config import TrainConfig, dump_toml, load_train_config, parse_override
+from selora.training.config import TrainConfig, dump_toml, load_train_config, parse_override
 from selora.models import ModelError, load_backbone
 from selora.models.prompts import TEMPLATES, zero_shot_weights
 
@@ -275,7 +275,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
 # -- CLI -------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", default=None, help="TOML file of settings (see selora.adapters.train_config)")
+    parser.add_argument("--config", default=None, help="TOML file of settings (see selora.training.config)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, TOML value syntax (repeatable): --set r=4 --set lam=0.5")
     for name in ("model", "dataset", "method", "recipe", "variant", "out"):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from selora.adapters.config import AdapterConfig, ConfigError
-from selora.adapters.data import DataError, ImageSet, load_split, to_pixels
+from selora.training.data import DataError, ImageSet, load_split, to_pixels
 from selora.adapters.format import AdapterError, SparseAdapter, head_logits, load_adapter
 from selora.adapters.inject import attached
 from selora.adapters.lora import GatedAdapter, _key

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from selora.adapters.evaluate import (
+from selora.training.evaluate import (
     adapter_from_sparse, evaluate, format_table, knn_predict, retrieval_recall,
 )
 from selora.adapters.format import load_adapter
-from selora.adapters.train import backbone_state, train
-from selora.adapters.train_config import load_train_config
+from selora.training.train import backbone_state, train
+from selora.training.config import load_train_config
 from selora.cli import main
 from selora.models import load_backbone
 
@@ -84,7 +84,7 @@ def test_saved_adapter_reproduces_the_trained_embeddings(tmp_path):
                                        "batch_size": 8, "val_subset": 8, "lr": 0.5, "lam": 0.0,
                                        "progress": False, "out": str(out)})
     from selora.adapters.inject import attached
-    from selora.adapters.train import Trainer
+    from selora.training.train import Trainer
 
     trainer = Trainer(cfg)
     trainer.run()

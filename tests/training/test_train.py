@@ -9,8 +9,8 @@ import torch
 
 from selora.adapters.config import ConfigError
 from selora.adapters.format import load_adapter
-from selora.adapters.train import Trainer, batch_indices, lr_factor, train
-from selora.adapters.train_config import load_train_config
+from selora.training.train import Trainer, batch_indices, lr_factor, train
+from selora.training.config import load_train_config
 from selora.cli import main
 from selora.models import load_backbone
 

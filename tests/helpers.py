@@ -1,0 +1,76 @@
+"""Helpers every test package shares: adapters with random nonzero weights, images, the real app."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from selora.adapters import AdapterConfig, GatedAdapter, export_adapter, save_adapter
+from selora.server.app import build_engine, create_app
+from selora.server.settings import MiB, Settings
+
+
+def make_adapter(backbone, variant="lora", r=4, active=None, seed=0, head_classes=None):
+    """A trained-looking adapter: random nonzero B (and magnitudes), ``active`` blocks open."""
+    cfg = AdapterConfig(variant=variant, r=r, init_seed=seed)
+    adapter = GatedAdapter(cfg, backbone.blocks, backbone.model, head_classes=head_classes)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in adapter.lora_B.values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        for p in adapter.magnitude.values():
+            p.mul_(1 + 0.1 * torch.rand(p.shape, generator=gen))
+        if active is not None:
+            for i, b in enumerate(adapter.block_ids):
+                adapter.scores[i] = 0.15 if b in set(active) else 0.0
+    return adapter.eval()
+
+
+def write_adapter(backbone, root, name, variant="lora", r=4, active=None, seed=0, head_classes=None):
+    """A gated adapter with random nonzero B, exported (active blocks only) and saved as ``root/name``."""
+    sparse = export_adapter(make_adapter(backbone, variant, r, active, seed, head_classes), backbone.model_id, backbone.fingerprint)
+    save_adapter(sparse, root / name)
+    return sparse
+
+
+def image_b64(seed: int, size=(40, 36), data_uri=True) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    text = base64.b64encode(buf.getvalue()).decode()
+    return f"data:image/png;base64,{text}" if data_uri else text
+
+
+def make_settings(backbone, root, host_budget=1 << 30, device_budget=1 << 30, **overrides) -> Settings:
+    """Test-sized settings for ``backbone`` with adapters under ``root``."""
+    values = dict(model=backbone.model_id, adapter_root=str(root), max_body_mb=2.0, max_inputs=16, max_text_chars=200,
+                  max_batch_size=32, max_wait_ms=20.0, host_cache_mb=host_budget / MiB, device_cache_mb=device_budget / MiB)
+    return Settings(**{**values, **overrides})
+
+
+def make_engine(backbone, root, **kwargs):
+    """The server's own engine (``build_engine``) on an already built backbone."""
+    return build_engine(make_settings(backbone, root, **kwargs), backbone=backbone)
+
+
+def make_app(backbone, root, **kwargs):
+    settings = make_settings(backbone, root, **kwargs)
+    return create_app(settings, build_engine(settings, backbone=backbone))
+
+
+def run_with_client(app, fn):
+    """Run ``await fn(client)`` against the app in its own event loop, lifespan included."""
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://selora", timeout=60) as client:
+                return await fn(client)
+
+    return asyncio.run(main())
