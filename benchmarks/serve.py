@@ -62,7 +62,7 @@ def serve_quick(args) -> None:
     from selora.server.app import build_engine, create_app
     from selora.server.settings import Settings
 
-    settings = Settings(model=QUICK_MODEL, adapter_root=args.adapter_root, port=args.port)
+    settings = Settings(model=QUICK_MODEL, import_root=args.import_root, store=f"{args.import_root}.store", port=args.port)
     engine = build_engine(settings, backbone=quick_backbone())
     uvicorn.run(create_app(settings, engine), host="127.0.0.1", port=args.port, log_level="warning")
 
@@ -138,9 +138,10 @@ def free_port() -> int:
 def start_server(args, root: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     if args.model == QUICK_MODEL:
-        cmd = [sys.executable, __file__, "--serve-worker", "--adapter-root", str(root), "--port", str(port)]
+        cmd = [sys.executable, __file__, "--serve-worker", "--import-root", str(root), "--port", str(port)]
     else:
-        cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", args.model, "--adapter-root", str(root), "--port", str(port)]
+        cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", args.model, "--import-root", str(root), "--store", f"{root}.store",
+               "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import httpx
 
@@ -261,7 +262,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--adapter-root", help=argparse.SUPPRESS)
+    p.add_argument("--import-root", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_worker:

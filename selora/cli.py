@@ -14,6 +14,8 @@ COMMANDS = {
     "bench": ("selora.bench.suite", "FLOPs, latency, multi-tenant throughput and memory against PEFT, merged and base"),
     "train": ("selora.training.train", "train a sparse gated LoRA/DoRA adapter (or a baseline) on a frozen base"),
     "eval": ("selora.training.evaluate", "top-1, retention k-NN before/after, CLIP zero-shot and retrieval"),
+    "keys": ("selora.server.keys", "create, list and revoke API keys of the store"),
+    "store": ("selora.server.store_command", "import adapter directories into the store; per-tenant quotas"),
 }
 
 

@@ -48,8 +48,9 @@ def image_b64(seed: int, size=(40, 36), data_uri=True) -> str:
 
 
 def make_settings(backbone, root, host_budget=1 << 30, device_budget=1 << 30, **overrides) -> Settings:
-    """Test-sized settings for ``backbone`` with adapters under ``root``."""
-    values = dict(model=backbone.model_id, adapter_root=str(root), max_body_mb=2.0, max_inputs=16, max_text_chars=200,
+    """Test-sized settings for ``backbone``: ``root`` is the import root (its adapters are imported
+    at the first start) and the store is a fresh folder beside it, ``<root>.store``."""
+    values = dict(model=backbone.model_id, import_root=str(root), store=f"{root}.store", max_body_mb=2.0, max_inputs=16, max_text_chars=200,
                   max_batch_size=32, max_wait_ms=20.0, host_cache_mb=host_budget / MiB, device_cache_mb=device_budget / MiB)
     return Settings(**{**values, **overrides})
 

@@ -16,7 +16,7 @@ for name in {BLOCKED!r}:
 import asyncio, tempfile
 from selora.server.app import build_engine
 from selora.server.settings import Settings
-engine = build_engine(Settings(model="tiny-vit", adapter_root=tempfile.mkdtemp()))
+engine = build_engine(Settings(model="tiny-vit", import_root=tempfile.mkdtemp(), store=tempfile.mkdtemp()))
 async def main():
     await engine.start()
     try:

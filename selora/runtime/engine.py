@@ -251,7 +251,7 @@ class Engine:
 
     def _zero_shot_weights(self, record: AdapterRecord | None, labels: tuple[str, ...]) -> torch.Tensor:
         """Forward thread: class weights from prompt templates, text tower under the adapter."""
-        key = (None if record is None else record.serial, labels)
+        key = (None if record is None else record.key, labels)
         if key not in self._zero_shot:
             adapters = self.registry.device_adapters([record] if record is not None else [])
 

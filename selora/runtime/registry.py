@@ -1,45 +1,48 @@
-"""Adapter registry: disk (the adapter root) -> host cache -> device cache.
+"""Adapter registry: the store (SQLite manifest + immutable blobs) -> host cache -> device cache.
 
-Every adapter the server knows is an ``AdapterRecord``: its name, its directory under the
-adapter root and, when resident, its validated ``SparseAdapter`` (host cache) and its
-``DeviceAdapter`` (device cache). Each cache is an LRU with a byte budget counted from the
-adapters' actual active blocks (``SparseAdapter.nbytes`` / ``DeviceAdapter.nbytes``), so a sparse
-adapter costs what it stores, not what a dense one would. An evicted adapter is reloaded from
-its directory on demand.
+Every committed adapter version is an ``AdapterRecord`` keyed by ``(tenant, name, version)``:
+its manifest entry and, when resident, its validated ``SparseAdapter`` (host cache) and its
+``DeviceAdapter`` (device cache). Each cache is an LRU keyed the same way, with a byte budget
+counted from the adapters' actual active blocks (``SparseAdapter.nbytes`` /
+``DeviceAdapter.nbytes``). An evicted adapter is reloaded from its content-addressed blob,
+whose hash is checked, so a record can only ever serve its own version's bytes.
+
+Adapters are addressed ``tenant/name`` (``address()``); who may address what is the server's
+business (``selora.server.auth``), not the registry's.
 
 Safety rules:
 - a new adapter is read and validated against the base's block table before anything is
-  evicted; a failed load or upload leaves the registry exactly as it was;
+  evicted or stored; a failed load or upload leaves the registry and the store as they were;
+- writes are serialized: store commit and registry swap happen together, in commit order;
 - a request *pins* the record it names (and its host copy) until its batch is done; pinned
-  records are never evicted, and replacing or deleting a name only unregisters the old record,
-  so in-flight requests keep working on the object they hold;
-- names are ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``; paths are resolved inside the adapter root
-  (no ``..``, no symlink pointing outside); uploads are written to a temporary directory under
-  the root and renamed into place.
+  records are never evicted, and replacing or deleting an adapter only unregisters the old
+  record, so in-flight requests finish on the version they pinned;
+- names are ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``; import paths are resolved inside the import
+  root (no ``..``, no symlink pointing outside) and the files are copied into the store.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, SparseAdapter, load_adapter, parse_adapter
+from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, AdapterNotFoundError, SparseAdapter, parse_adapter
+from selora.models.blocks import BlockTable
 from selora.models.factory import Backbone
 from selora.runtime.batch import DeviceAdapter, to_device
+from selora.runtime.store import AdapterStore, Entry, StoreError
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED_NAMES = ("base",)
+Key = tuple[str, str, int]  # (tenant, name, version)
 
 
 class RegistryError(Exception):
@@ -64,172 +67,214 @@ class AdapterTooLargeError(RegistryError):
 
 @dataclass(eq=False)
 class AdapterRecord:
-    """One registered version of an adapter. Replaced names get a new record."""
+    """One committed version of an adapter. A replacement is a new record with a new version."""
 
-    name: str
-    path: Path
-    info: dict  # what GET /v1/adapters/{name} reports besides residency
+    entry: Entry
     host_nbytes: int
     sparse: SparseAdapter | None = None
     device: DeviceAdapter | None = None
     pins: int = 0
-    serial: int = field(default_factory=itertools.count().__next__)
+
+    @property
+    def key(self) -> Key:
+        return (self.entry.tenant, self.entry.name, self.entry.version)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def tenant(self) -> str:
+        return self.entry.tenant
+
+    @property
+    def address(self) -> str:
+        return address(self.entry.tenant, self.entry.name)
 
     @property
     def device_nbytes(self) -> int:
         return self.device.nbytes if self.device is not None else 0
 
 
-def validate_name(name: str) -> str:
+def address(tenant: str, name: str) -> str:
+    return f"{tenant}/{name}"
+
+
+def validate_name(name: str, what: str = "adapter name") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in RESERVED_NAMES or name.startswith(".."):
         raise InvalidAdapterNameError(
-            f"invalid adapter name {name!r}: use 1-64 characters [A-Za-z0-9._-], starting with a letter or digit, not 'base'"
+            f"invalid {what} {name!r}: use 1-64 characters [A-Za-z0-9._-], starting with a letter or digit, not 'base'"
         )
     return name
 
 
+def adapter_info(adapter: SparseAdapter) -> dict:
+    """What the manifest keeps about a validated adapter (and the API reports)."""
+    return {
+        "variant": adapter.variant,
+        "r": adapter.r,
+        "lora_alpha": adapter.lora_alpha,
+        "active_blocks": list(adapter.blocks),
+        "bytes": adapter.nbytes,
+        "head_classes": adapter.head_classes,
+        "head_input": adapter.head_input if adapter.head_classes else None,
+        "base_model": adapter.base_model,
+        "base_fingerprint": adapter.base_fingerprint,
+    }
+
+
+def resolve_inside(root: Path, path: str) -> Path:
+    """``path`` relative to ``root``, checked to stay inside it (symlinks resolved)."""
+    if not isinstance(path, str) or not path or os.path.isabs(path) or ".." in Path(path).parts:
+        raise UnsafePathError(f"adapter path {path!r} must be relative to the import root, without '..'")
+    resolved = (root / path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise UnsafePathError(f"adapter path {path!r} leaves the import root")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        f = resolved / name
+        if f.exists() and root not in f.resolve().parents:
+            raise UnsafePathError(f"{path}/{name} is a link that leaves the import root")
+    return resolved
+
+
+def read_adapter_dir(root: Path, path: str) -> tuple[bytes, bytes]:
+    """The two files of the adapter directory ``path`` under ``root``; messages name ``path`` only."""
+    directory = resolve_inside(root, path)
+    files = []
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise AdapterNotFoundError(f"{path}: {name} is missing under the import root")
+        files.append((directory / name).read_bytes())
+    return files[0], files[1]
+
+
+def import_tree(store: AdapterStore, root: str | Path, tenant: str, table: BlockTable | None = None) -> list[str]:
+    """Copy every valid adapter directory under ``root`` into the store as ``tenant/<dir name>``;
+    a bad one is logged and skipped. Returns the names imported."""
+    root, imported = Path(root).resolve(), []
+    validate_name(tenant, "tenant name")
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            validate_name(d.name)
+            config, weights = read_adapter_dir(root, d.name)
+            adapter = parse_adapter(config, weights, table)
+            store.put_adapter(tenant, d.name, config, weights, adapter_info(adapter))
+            imported.append(d.name)
+        except (AdapterError, RegistryError, StoreError) as e:
+            log.warning("not importing adapter directory %s: %s", d.name, e)
+    return imported
+
+
 class LRUCache:
-    """Names in least-recently-used order with a byte budget (the values live on the records)."""
+    """Record keys in least-recently-used order with a byte budget (the values live on the records)."""
 
     def __init__(self, budget: int):
         self.budget = budget
-        self.sizes: OrderedDict[int, int] = OrderedDict()  # record serial -> bytes
+        self.sizes: OrderedDict[Key, int] = OrderedDict()
 
     @property
     def nbytes(self) -> int:
         return sum(self.sizes.values())
 
-    def touch(self, serial: int, nbytes: int) -> None:
-        self.sizes[serial] = nbytes
-        self.sizes.move_to_end(serial)
+    def touch(self, key: Key, nbytes: int) -> None:
+        self.sizes[key] = nbytes
+        self.sizes.move_to_end(key)
 
-    def drop(self, serial: int) -> None:
-        self.sizes.pop(serial, None)
+    def drop(self, key: Key) -> None:
+        self.sizes.pop(key, None)
 
-    def victims(self, extra: int, pinned: Callable[[int], bool]) -> list[int]:
-        """Least-recently-used unpinned serials to evict so that ``extra`` more bytes fit."""
+    def victims(self, extra: int, pinned: Callable[[Key], bool]) -> list[Key]:
+        """Least-recently-used unpinned keys to evict so that ``extra`` more bytes fit."""
         over, out = self.nbytes + extra - self.budget, []
-        for serial, size in self.sizes.items():
+        for key, size in self.sizes.items():
             if over <= 0:
                 break
-            if not pinned(serial):
-                out.append(serial)
+            if not pinned(key):
+                out.append(key)
                 over -= size
         return out
 
 
 class AdapterRegistry:
-    def __init__(self, backbone: Backbone, root: str | Path, host_budget: int, device_budget: int, listener: Callable[[str, str], None] | None = None):
+    def __init__(self, backbone: Backbone, store: AdapterStore, host_budget: int, device_budget: int,
+                 listener: Callable[[str, str], None] | None = None, import_root: str | Path | None = None):
         self.backbone = backbone
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = store
+        self.import_root = Path(import_root).resolve() if import_root is not None else None
         self.host = LRUCache(host_budget)
         self.device = LRUCache(device_budget)
-        self.records: dict[str, AdapterRecord] = {}
-        self._by_serial: dict[int, AdapterRecord] = {}  # every record still cached (current or pinned)
+        self.records: dict[tuple[str, str], AdapterRecord] = {}  # (tenant, name) -> current version
+        self._by_key: dict[Key, AdapterRecord] = {}  # every record still cached (current or pinned)
         self._lock = threading.RLock()
+        self._write_lock = threading.Lock()  # store commit + registry swap, one writer at a time
         self.listener = listener or (lambda event, tier: None)
-
-    # -- paths --------------------------------------------------------------------------
-    def resolve_path(self, path: str) -> Path:
-        """``path`` relative to the adapter root, checked to stay inside it (symlinks resolved)."""
-        if not isinstance(path, str) or not path or os.path.isabs(path) or ".." in Path(path).parts:
-            raise UnsafePathError(f"adapter path {path!r} must be relative to the adapter root, without '..'")
-        resolved = (self.root / path).resolve()
-        if resolved != self.root and self.root not in resolved.parents:
-            raise UnsafePathError(f"adapter path {path!r} leaves the adapter root")
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            f = resolved / name
-            if f.exists() and self.root not in f.resolve().parents:
-                raise UnsafePathError(f"{path}/{name} is a link that leaves the adapter root")
-        return resolved
 
     # -- registering --------------------------------------------------------------------
     def preload(self) -> list[str]:
-        """Register every adapter directory under the root; a bad one is logged and skipped."""
+        """Register every committed adapter for this base; host copies are loaded (and their
+        blobs checked) while they fit the host budget, the rest on first use."""
         loaded = []
-        for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            try:
-                self.load(d.name, d.name)
-                loaded.append(d.name)
-            except (AdapterError, RegistryError) as e:
-                log.warning("skipping adapter directory %s: %s", d, e)
+        for entry in self.store.entries():
+            name = address(entry.tenant, entry.name)
+            if entry.info.get("base_fingerprint") != self.backbone.fingerprint:
+                log.warning("adapter %s is for another base (%s): not served", name, entry.info.get("base_model"))
+                continue
+            record = AdapterRecord(entry, entry.info["bytes"])
+            with self._lock:
+                if self.host.nbytes + record.host_nbytes <= self.host.budget:
+                    try:
+                        self._ensure_host(record)
+                    except (AdapterError, StoreError, OSError) as e:
+                        log.error("adapter %s v%d cannot be read from the store: %s", name, entry.version, e)
+                        continue
+                self.records[(entry.tenant, entry.name)] = record
+                self._by_key[record.key] = record
+            loaded.append(name)
         return loaded
 
-    def load(self, name: str, path: str) -> AdapterRecord:
-        """Register (or atomically replace) ``name`` from ``path`` under the adapter root."""
+    def import_dir(self, tenant: str, name: str, path: str) -> AdapterRecord:
+        """Copy the adapter directory ``path`` under the import root into the store as ``tenant/name``."""
         validate_name(name)
-        directory = self.resolve_path(path)
-        adapter = load_adapter(directory, self.backbone.blocks)
-        return self._register(name, directory, adapter)
+        if self.import_root is None:
+            raise UnsafePathError("this server has no import root")
+        config, weights = read_adapter_dir(self.import_root, path)
+        return self.put(tenant, name, config, weights)
 
-    def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes) -> AdapterRecord:
-        """Validate the two files, write them atomically to ``<root>/<name>``, register them."""
+    def put(self, tenant: str, name: str, config_bytes: bytes, weights_bytes: bytes) -> AdapterRecord:
+        """Validate the two files, commit them to the store as ``tenant/name`` (replacing any
+        previous version) and register the new version."""
+        validate_name(tenant, "tenant name")
         validate_name(name)
         adapter = parse_adapter(config_bytes, weights_bytes, self.backbone.blocks)
         self._check_fits(adapter)
-        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".upload-{name}-"))
-        try:
-            (staging / CONFIG_NAME).write_bytes(config_bytes)
-            (staging / WEIGHTS_NAME).write_bytes(weights_bytes)
-            with self._lock:
-                target = self.root / name
-                if target.is_symlink() or (target.exists() and not target.is_dir()):
-                    raise UnsafePathError(f"{target.name} under the adapter root is not a plain directory")
-                old = None
-                if target.exists():
-                    old = Path(tempfile.mkdtemp(dir=self.root, prefix=f".replaced-{name}-"))
-                    os.replace(target, old / "adapter")
-                try:
-                    os.replace(staging, target)
-                except OSError:
-                    if old is not None:
-                        os.replace(old / "adapter", target)
-                    raise
-                record = self._register(name, target, adapter)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            return record
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with self._write_lock:
+            entry, _ = self.store.put_adapter(tenant, name, config_bytes, weights_bytes, adapter_info(adapter))
+            record = AdapterRecord(entry, adapter.nbytes, sparse=adapter)
+            with self._lock:  # everything above could fail; nothing below can
+                old = self.records.get((tenant, name))
+                self.records[(tenant, name)] = record
+                self._by_key[record.key] = record
+                if old is not None:
+                    self._retire(old)
+                self._make_room(self.host, record.host_nbytes, "host")
+                self.host.touch(record.key, record.host_nbytes)
+        self.listener("load", "host")
+        log.info("adapter %s v%d: %d active blocks, %d bytes", record.address, entry.version, len(adapter.blocks), adapter.nbytes)
+        return record
 
     def _check_fits(self, adapter: SparseAdapter) -> None:
         if adapter.nbytes > self.host.budget:
             raise AdapterTooLargeError(f"adapter needs {adapter.nbytes} bytes, more than the host cache budget {self.host.budget}")
 
-    def _register(self, name: str, directory: Path, adapter: SparseAdapter) -> AdapterRecord:
-        self._check_fits(adapter)
-        info = {
-            "variant": adapter.variant,
-            "r": adapter.r,
-            "lora_alpha": adapter.lora_alpha,
-            "active_blocks": list(adapter.blocks),
-            "num_blocks": len(self.backbone.blocks),
-            "bytes": adapter.nbytes,
-            "head_classes": adapter.head_classes,
-            "head_input": adapter.head_input if adapter.head_classes else None,
-            "base_model": adapter.base_model,
-        }
-        record = AdapterRecord(name, directory, info, adapter.nbytes, sparse=adapter)
-        with self._lock:  # everything above could fail; nothing below can
-            old = self.records.get(name)
-            self.records[name] = record
-            self._by_serial[record.serial] = record
-            if old is not None:
-                self._retire(old)
-            self._make_room(self.host, record.host_nbytes, "host")
-            self.host.touch(record.serial, record.host_nbytes)
-        self.listener("load", "host")
-        log.info("adapter %s: %d active blocks, %d bytes, from %s", name, len(adapter.blocks), adapter.nbytes, directory)
-        return record
-
-    def delete(self, name: str) -> None:
-        """Unregister ``name`` (its files stay on disk); in-flight requests finish normally."""
-        with self._lock:
-            record = self.records.pop(name, None)
-            if record is None:
+    def delete(self, tenant: str, name: str) -> None:
+        """Delete ``tenant/name`` from the store and unregister it; in-flight requests finish normally."""
+        with self._write_lock:
+            if self.store.delete_adapter(tenant, name) is None:
                 raise UnknownAdapterError(f"unknown adapter {name!r}")
-            self._retire(record)
+            with self._lock:
+                record = self.records.pop((tenant, name), None)
+                if record is not None:
+                    self._retire(record)
 
     def _retire(self, record: AdapterRecord) -> None:
         """An unregistered record leaves the caches once no request pins it."""
@@ -237,37 +282,46 @@ class AdapterRegistry:
             self._forget(record)
 
     def _forget(self, record: AdapterRecord) -> None:
-        self.host.drop(record.serial)
-        self.device.drop(record.serial)
-        self._by_serial.pop(record.serial, None)
+        self.host.drop(record.key)
+        self.device.drop(record.key)
+        self._by_key.pop(record.key, None)
         record.sparse = record.device = None
 
     # -- serving ------------------------------------------------------------------------
-    def get(self, name: str) -> AdapterRecord:
+    def get(self, adapter: str) -> AdapterRecord:
+        """The current record of the address ``tenant/name``."""
+        tenant, _, name = adapter.partition("/")
         with self._lock:
-            record = self.records.get(name)
+            record = self.records.get((tenant, name))
         if record is None:
             raise UnknownAdapterError(f"unknown adapter {name!r}")
         return record
 
-    def names(self) -> list[str]:
+    def current(self) -> list[AdapterRecord]:
+        """Every registered record (current versions), ordered by tenant and name."""
         with self._lock:
-            return sorted(self.records)
+            return [self.records[k] for k in sorted(self.records)]
 
     def describe(self, record: AdapterRecord) -> dict:
         with self._lock:
+            info = {k: v for k, v in record.entry.info.items() if k != "base_fingerprint"}
             return {
                 "name": record.name,
-                **record.info,
+                "tenant": record.tenant,
+                "version": record.entry.version,
+                "content_hash": record.entry.sha256,
+                "stored_bytes": record.entry.bytes,
+                **info,
+                "num_blocks": len(self.backbone.blocks),
                 "resident_host": record.sparse is not None,
                 "resident_device": record.device is not None,
                 "device_bytes": record.device_nbytes,
             }
 
-    def pin(self, name: str) -> AdapterRecord:
-        """Take the current record of ``name`` for one request, with its host copy loaded."""
+    def pin(self, adapter: str) -> AdapterRecord:
+        """Take the current record of ``tenant/name`` for one request, with its host copy loaded."""
         with self._lock:
-            record = self.get(name)
+            record = self.get(adapter)
             record.pins += 1
             try:
                 if record.device is None:
@@ -283,7 +337,7 @@ class AdapterRegistry:
 
     def _unpin_locked(self, record: AdapterRecord) -> None:
         record.pins -= 1
-        if record.pins == 0 and self.records.get(record.name) is not record:
+        if record.pins == 0 and self.records.get((record.tenant, record.name)) is not record:
             self._forget(record)
 
     def device_adapters(self, records: list[AdapterRecord]) -> list[DeviceAdapter]:
@@ -297,26 +351,26 @@ class AdapterRegistry:
                     self._make_room(self.device, dev.nbytes, "device")
                     record.device = dev
                     self.listener("load", "device")
-                self.device.touch(record.serial, record.device.nbytes)
+                self.device.touch(record.key, record.device.nbytes)
                 out.append(record.device)
             return out
 
     def _ensure_host(self, record: AdapterRecord) -> None:
         if record.sparse is None:
-            adapter = load_adapter(record.path, self.backbone.blocks)
+            adapter = parse_adapter(record.entry.config, self.store.read_blob(record.entry.sha256), self.backbone.blocks)
             self._make_room(self.host, adapter.nbytes, "host")
             record.sparse = adapter
             self.listener("load", "host")
-        self.host.touch(record.serial, record.host_nbytes)
+        self.host.touch(record.key, record.host_nbytes)
 
     def _make_room(self, cache: LRUCache, nbytes: int, tier: str) -> None:
-        def pinned(serial: int) -> bool:
-            r = self._by_serial.get(serial)
+        def pinned(key: Key) -> bool:
+            r = self._by_key.get(key)
             return r is not None and r.pins > 0
 
-        for serial in cache.victims(nbytes, pinned):
-            cache.drop(serial)
-            record = self._by_serial.get(serial)
+        for key in cache.victims(nbytes, pinned):
+            cache.drop(key)
+            record = self._by_key.get(key)
             if record is not None:
                 if tier == "host":
                     record.sparse = None

@@ -1,8 +1,11 @@
 """``create_app(settings, engine=None)``: the FastAPI app, its lifespan and middleware.
 
-Without an engine the lifespan loads the base model and the adapters under the adapter root in
-a background thread (``/health`` answers at once, ``/ready`` once loading is done) and stops the
-engine cleanly at shutdown. Tests pass a ready engine built on a tiny model.
+Without an engine the lifespan loads the base model and the store's adapters in a background
+thread (``/health`` answers at once, ``/ready`` once loading is done) and stops the engine
+cleanly at shutdown. Tests pass a ready engine built on a tiny model.
+
+Middleware, outermost first: the Origin gate (403), CORS for allowed origins, authentication and
+rate limits (401 / 429), the body limit (413), then the routes.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
 
 from selora.kernels.ops import kernel_backend
 from selora.models.factory import Backbone, load_backbone
 from selora.runtime.engine import Engine
-from selora.runtime.registry import AdapterRegistry
+from selora.runtime.registry import AdapterRegistry, import_tree
+from selora.runtime.store import DEFAULT_TENANT, AdapterStore
 from selora.runtime.warmup import warm_up
 from selora.server import errors
+from selora.server.auth import Authenticate, OriginGate
 from selora.server.metrics import Metrics
 from selora.server.routes import router
 from selora.server.settings import MiB, Settings
@@ -27,19 +33,23 @@ from selora.server.settings import MiB, Settings
 log = logging.getLogger("selora.server")
 
 
-def build_engine(settings: Settings, metrics: Metrics | None = None, backbone: Backbone | None = None) -> Engine:
-    """Load the base model (unless given one), preload the adapter root, return an (unstarted)
+def build_engine(settings: Settings, metrics: Metrics | None = None, backbone: Backbone | None = None,
+                 store: AdapterStore | None = None) -> Engine:
+    """Load the base model (unless given one), open the store (unless given one: remove crash
+    debris, import an existing import root once), register its adapters, return an (unstarted)
     engine. The server, the benchmarks and the tests all build their engines here."""
     backbone = backbone or load_backbone(settings.model, settings.weights, settings.torch_device(), settings.torch_dtype())
+    store = store or open_store(settings)
     registry = AdapterRegistry(
-        backbone, settings.adapter_root, int(settings.host_cache_mb * MiB), int(settings.device_cache_mb * MiB),
-        metrics.on_registry_event if metrics else None,
+        backbone, store, int(settings.host_cache_mb * MiB), int(settings.device_cache_mb * MiB),
+        metrics.on_registry_event if metrics else None, settings.import_root,
     )
+    _import_once(registry, settings)
     names = registry.preload()
     log.info(
-        "base %s (%s, %d blocks, fingerprint %s) on %s in %s; kernel backend %s; %d adapters from %s",
+        "base %s (%s, %d blocks, fingerprint %s) on %s in %s; kernel backend %s; %d adapters in the store",
         backbone.model_id, backbone.library, len(backbone.blocks), backbone.fingerprint, backbone.device,
-        str(backbone.dtype).removeprefix("torch."), kernel_backend(backbone.device), len(names), registry.root,
+        str(backbone.dtype).removeprefix("torch."), kernel_backend(backbone.device), len(names),
     )
     warmed = warm_up(backbone, settings.max_batch_size)  # compiles the GPU kernels before /ready
     if warmed:
@@ -50,9 +60,33 @@ def build_engine(settings: Settings, metrics: Metrics | None = None, backbone: B
     )
 
 
+def open_store(settings: Settings) -> AdapterStore:
+    """The server's store, crash debris and unreferenced blobs removed."""
+    store = AdapterStore(settings.store)
+    debris, blobs = store.recover()
+    if debris or blobs:
+        log.warning("store: removed %d temporary files and %d unreferenced blobs left by an interrupted run", debris, blobs)
+    if not store.has_keys():
+        log.warning("the store holds no API key: every caller is the admin of tenant %r (create one: selora keys create)", DEFAULT_TENANT)
+    return store
+
+
+def _import_once(registry: AdapterRegistry, settings: Settings) -> None:
+    """An existing adapter root (today's import root) is copied into the store at the first start."""
+    root = registry.import_root
+    if root is None or not root.is_dir() or registry.store.imported(str(root)):
+        return
+    names = import_tree(registry.store, root, DEFAULT_TENANT, registry.backbone.blocks)
+    registry.store.mark_imported(str(root))
+    if names:
+        log.warning("imported %d adapters from %s into the store as tenant %r, once: later changes there are not "
+                    "re-imported (use selora store import)", len(names), root, DEFAULT_TENANT)
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings.load()
     metrics = Metrics()
+    store = engine.registry.store if engine is not None else open_store(settings)
     if engine is not None:
         engine.on_batch = metrics.on_batch
         engine.registry.listener = metrics.on_registry_event
@@ -63,7 +97,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if app.state.engine is not None:
             await app.state.engine.start()
         else:
-            loading = asyncio.create_task(_load(app, settings, metrics))
+            loading = asyncio.create_task(_load(app, settings, metrics, store))
         try:
             yield
         finally:
@@ -90,12 +124,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return response
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Authenticate, store=store, on_request=metrics.on_request, on_error=metrics.on_error)
+    app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
+                       allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(OriginGate, allowed=settings.allowed_origins)
     return app
 
 
-async def _load(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+async def _load(app: FastAPI, settings: Settings, metrics: Metrics, store: AdapterStore) -> None:
     try:
-        engine = await asyncio.to_thread(build_engine, settings, metrics)
+        engine = await asyncio.to_thread(build_engine, settings, metrics, None, store)
     except Exception as e:  # the process lives on, /ready explains why it is not ready
         log.exception("loading %s failed", settings.model)
         app.state.load_error = f"loading {settings.model} failed: {e}"

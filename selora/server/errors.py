@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selora.adapters.format import AdapterError, AdapterNotFoundError, BaseModelMismatchError
 from selora.models.factory import ModelError
-from selora.runtime import inputs, registry
+from selora.runtime import inputs, registry, store
 from selora.runtime.engine import EngineStoppedError, NoClassifierError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,20 @@ class PayloadTooLargeError(ValueError):
     """The request body is over the size limit."""
 
 
+class UnauthorizedError(PermissionError):
+    """No API key, or a wrong or revoked one."""
+
+
+class ForbiddenError(PermissionError):
+    """A known caller asking for something its key does not allow."""
+
+
 # exception type -> (status, error type); the most specific class in an exception's MRO wins
 ERRORS: dict[type[BaseException], tuple[int, str]] = {
+    UnauthorizedError: (401, "unauthorized"),
+    ForbiddenError: (403, "forbidden"),
+    store.AdapterQuotaError: (403, "adapter_quota_exceeded"),
+    store.StorageQuotaError: (403, "storage_quota_exceeded"),
     registry.UnknownAdapterError: (404, "adapter_not_found"),
     registry.InvalidAdapterNameError: (422, "invalid_adapter_name"),
     registry.UnsafePathError: (422, "unsafe_path"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 
 from selora.server import settings as settings_module
 
@@ -21,5 +22,20 @@ def run(args: argparse.Namespace) -> int:
         settings.torch_dtype()
     except settings_module.SettingsError as e:
         raise SystemExit(f"selora serve: {e}") from None
+    if not _loopback(settings.host) and not settings.allow_unauthenticated:
+        from selora.runtime.store import AdapterStore
+
+        if not AdapterStore(settings.store).has_keys():
+            raise SystemExit(f"selora serve: the store holds no API key, so anyone reaching {settings.host} could use and change "
+                             "every adapter; create one (selora keys create --tenant T) or pass --allow-unauthenticated")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_TENANT_LABELS = 64  # tenants beyond the first 64 seen are counted as "other"
 
 
 class Metrics:
@@ -22,6 +23,13 @@ class Metrics:
         self.loads = Counter("selora_adapter_loads", "adapter loads into a tier", ["tier"], registry=r)
         self.evictions = Counter("selora_adapter_evictions", "adapter evictions from a tier", ["tier"], registry=r)
         self.errors = Counter("selora_errors", "error responses by type", ["type"], registry=r)
+        self.requests = Counter("selora_tenant_requests", "authenticated requests by tenant", ["tenant"], registry=r)
+        self._tenants: set[str] = set()
+
+    def on_request(self, tenant: str) -> None:
+        if tenant not in self._tenants and len(self._tenants) < MAX_TENANT_LABELS:
+            self._tenants.add(tenant)
+        self.requests.labels(tenant if tenant in self._tenants else "other").inc()
 
     def on_registry_event(self, event: str, tier: str) -> None:
         (self.loads if event == "load" else self.evictions).labels(tier).inc()
@@ -36,7 +44,7 @@ class Metrics:
         """Prometheus text; gauges sampled from ``engine`` (and its registry) now."""
         if engine is not None:
             self.queue_depth.set(engine.queued_rows)
-            self.adapters_registered.set(len(engine.registry.names()))
+            self.adapters_registered.set(len(engine.registry.current()))
             for tier, (count, nbytes) in engine.registry.resident().items():
                 self.adapters_resident.labels(tier).set(count)
                 self.bytes_resident.labels(tier).set(nbytes)

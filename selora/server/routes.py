@@ -12,8 +12,10 @@ from pydantic import ValidationError
 from selora.kernels.ops import kernel_backend
 from selora.runtime.engine import BASE, Engine
 from selora.runtime.inputs import InputError
-from selora.runtime.registry import AdapterRecord, UnknownAdapterError
+from selora.runtime.registry import AdapterRecord
+from selora.runtime.store import Caller
 from selora.server import schemas
+from selora.server.auth import can_use, get_caller, require_admin, shown_name, usable, writable
 from selora.server.errors import NotReadyError
 
 router = APIRouter()
@@ -57,15 +59,21 @@ async def ready(engine: Engine = Depends(get_engine)) -> dict:
 
 
 @router.get("/metrics", tags=["service"], response_class=Response)
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, caller: Caller = Depends(get_caller)) -> Response:
+    """Prometheus text; needs an admin key."""
+    require_admin(caller)
     m = request.app.state.metrics
     return Response(m.render(getattr(request.app.state, "engine", None)), media_type=m.content_type)
 
 
+def _visible(engine: Engine, caller: Caller) -> list[AdapterRecord]:
+    return [r for r in engine.registry.current() if can_use(caller, r.tenant)]
+
+
 @router.get("/v1/models", response_model=schemas.ModelsResponse, tags=["models"])
-async def models(engine: Engine = Depends(get_engine)) -> dict:
+async def models(engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
     b = engine.backbone
-    names = engine.registry.names()
+    names = [shown_name(caller, r.tenant, r.name) for r in _visible(engine, caller)]
     return {
         "base": {
             "id": b.model_id, "library": b.library, "fingerprint": b.fingerprint, "embed_dim": b.embed_dim,
@@ -76,60 +84,74 @@ async def models(engine: Engine = Depends(get_engine)) -> dict:
     }
 
 
-def _info(engine: Engine, record: AdapterRecord) -> dict:
+def _info(engine: Engine, caller: Caller, record: AdapterRecord) -> dict:
     d = engine.registry.describe(record)
-    return {**d, "num_active": len(d["active_blocks"])}
+    return {**d, "name": shown_name(caller, record.tenant, record.name), "num_active": len(d["active_blocks"])}
 
 
 @router.get("/v1/adapters", response_model=schemas.AdapterList, tags=["adapters"])
-async def list_adapters(engine: Engine = Depends(get_engine)) -> dict:
-    records = []
-    for name in engine.registry.names():
-        try:
-            records.append(engine.registry.get(name))
-        except UnknownAdapterError:  # deleted meanwhile
-            continue
-    return {"data": [_info(engine, r) for r in records]}
+async def list_adapters(engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
+    """The caller's adapters and the shared ones (an admin: every tenant's, as ``tenant/name``)."""
+    return {"data": [_info(engine, caller, r) for r in _visible(engine, caller)]}
 
 
 @router.get("/v1/adapters/{name}", response_model=schemas.AdapterInfo, tags=["adapters"])
-async def get_adapter(name: str, engine: Engine = Depends(get_engine)) -> dict:
-    return _info(engine, engine.registry.get(name))
+async def get_adapter(name: str, engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
+    return _info(engine, caller, engine.registry.get(usable(caller, name)))
+
+
+@router.get("/v1/adapters/{tenant}/{name}", response_model=schemas.AdapterInfo, tags=["adapters"])
+async def get_tenant_adapter(tenant: str, name: str, engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
+    return await get_adapter(f"{tenant}/{name}", engine, caller)
 
 
 @router.post("/v1/adapters", response_model=schemas.AdapterInfo, tags=["adapters"], openapi_extra=UPLOAD_BODY)
-async def load_adapter(request: Request, engine: Engine = Depends(get_engine)) -> dict:
-    """Load an adapter directory under the adapter root (JSON) or upload its two files (multipart).
-    A name in use is replaced atomically."""
+async def load_adapter(request: Request, engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
+    """Upload an adapter's two files (multipart) or, with an admin key, copy a directory from the
+    server's import root (JSON). The store commits before the answer; a name in use is replaced.
+    ``name`` may be ``tenant/name`` (admins: any tenant, ``shared/...`` for shared adapters)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await request.form()
         name, config, weights = form.get("name"), form.get("config"), form.get("weights")
         if not isinstance(name, str) or not hasattr(config, "read") or not hasattr(weights, "read"):
             raise InputError("multipart upload needs a text field 'name' and the files 'config' and 'weights'")
+        tenant, name = writable(caller, name)
         config_bytes, weights_bytes = await config.read(), await weights.read()
-        record = await asyncio.to_thread(engine.registry.upload, name, config_bytes, weights_bytes)
+        record = await asyncio.to_thread(engine.registry.put, tenant, name, config_bytes, weights_bytes)
     else:
+        require_admin(caller)  # the JSON form reads the server's disk
         try:
             body = schemas.LoadAdapterRequest.model_validate(json.loads(await request.body()))
         except json.JSONDecodeError as e:
             raise InputError(f"body is not JSON: {e}") from None
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
-        record = await asyncio.to_thread(engine.registry.load, body.name, body.path)
-    return _info(engine, record)
+        tenant, name = writable(caller, body.name)
+        record = await asyncio.to_thread(engine.registry.import_dir, tenant, name, body.path)
+    return _info(engine, caller, record)
 
 
 @router.delete("/v1/adapters/{name}", response_model=schemas.Deleted, tags=["adapters"])
-async def delete_adapter(name: str, engine: Engine = Depends(get_engine)) -> dict:
-    """Unregister an adapter (its files stay under the adapter root); in-flight requests finish."""
-    engine.registry.delete(name)
+async def delete_adapter(name: str, engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
+    """Delete an adapter from the store (one transaction); in-flight requests finish on it."""
+    tenant, bare = writable(caller, name)
+    await asyncio.to_thread(engine.registry.delete, tenant, bare)
     return {"name": name}
 
 
+@router.delete("/v1/adapters/{tenant}/{name}", response_model=schemas.Deleted, tags=["adapters"])
+async def delete_tenant_adapter(tenant: str, name: str, engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
+    return await delete_adapter(f"{tenant}/{name}", engine, caller)
+
+
+def _model(caller: Caller, model: str) -> str:
+    return model if model == BASE else usable(caller, model)
+
+
 @router.post("/v1/embeddings", response_model=schemas.EmbeddingResponse, tags=["inference"])
-async def embeddings(body: schemas.EmbeddingRequest, engine: Engine = Depends(get_engine)) -> dict:
-    out = await engine.embed(body.model, body.modality, body.input, body.normalize)
+async def embeddings(body: schemas.EmbeddingRequest, engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
+    out = await engine.embed(_model(caller, body.model), body.modality, body.input, body.normalize)
     return {
         "model": body.model,
         "data": [{"index": i, "embedding": row} for i, row in enumerate(out.tolist())],
@@ -138,8 +160,8 @@ async def embeddings(body: schemas.EmbeddingRequest, engine: Engine = Depends(ge
 
 
 @router.post("/v1/classify", response_model=schemas.ClassifyResponse, tags=["inference"])
-async def classify(body: schemas.ClassifyRequest, engine: Engine = Depends(get_engine)) -> dict:
-    results = await engine.classify(body.model, body.input, body.labels, body.top_k)
+async def classify(body: schemas.ClassifyRequest, engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
+    results = await engine.classify(_model(caller, body.model), body.input, body.labels, body.top_k)
     return {
         "model": body.model,
         "data": [{"index": i, "predictions": [{"label": l, "score": s} for l, s in preds]} for i, preds in enumerate(results)],

@@ -67,12 +67,16 @@ class ClassifyResponse(BaseModel):
 
 
 class LoadAdapterRequest(BaseModel):
-    name: str
-    path: str = Field(description="adapter directory, relative to the server's adapter root")
+    name: str = Field(description="adapter name, or tenant/name")
+    path: str = Field(description="adapter directory, relative to the server's import root")
 
 
 class AdapterInfo(BaseModel):
-    name: str
+    name: str = Field(description="how the caller addresses it: its own bare, another tenant's (or a shared one) as tenant/name")
+    tenant: str
+    version: int = Field(description="store version: a replacement gets a new one, never reused")
+    content_hash: str = Field(description="SHA-256 of adapter_model.safetensors")
+    stored_bytes: int = Field(description="bytes in the store (config + weights), counted against the tenant's quota")
     base_model: str
     variant: str
     r: int

@@ -1,7 +1,7 @@
 """Every server setting, read in this one place: defaults < ``SELORA_*`` environment < CLI flags.
 
 Each field's environment variable is ``SELORA_`` + its upper-case name (``SELORA_PORT``,
-``SELORA_ADAPTER_ROOT``, ...); its flag is ``--`` + its name with dashes (``--adapter-root``).
+``SELORA_STORE``, ...); its flag is ``--`` + its name with dashes (``--import-root``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ class Settings:
     weights: str | None = None  # open_clip pretrained tag or local safetensors file
     device: str = "auto"  # auto (cuda if visible, else cpu) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
-    adapter_root: str = "adapters"  # adapter directories, preloaded at start; uploads land here
+    store: str = "selora-store"  # the durable store: SQLite manifest, keys, tenants, adapter blobs
+    import_root: str = "adapters"  # adapter directories admins may copy into the store (imported once at first start)
     host: str = "127.0.0.1"
+    cors_origins: str = ""  # comma-separated browser origins allowed to call the API; any other Origin gets 403
+    allow_unauthenticated: bool = False  # bind a non-loopback address although the store holds no API key
     port: int = 8000
     max_batch_size: int = 32  # rows (images or texts) per forward
     max_wait_ms: float = 5.0  # how long the oldest queued request waits for its batch to fill
@@ -45,6 +48,10 @@ class Settings:
     @property
     def limits(self) -> Limits:
         return Limits(self.max_inputs, self.max_image_pixels, self.max_text_chars)
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]:
+        return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
     @property
     def max_body_bytes(self) -> int:
@@ -83,12 +90,21 @@ class Settings:
         return cls(**values)
 
 
+def _boolean(raw) -> bool:
+    text = str(raw).lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no", ""):
+        return False
+    raise ValueError(raw)
+
+
 def _convert(f, raw):
-    kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+    kind = {"int": int, "float": float, "bool": _boolean}.get(str(f.type).split(" ")[0], str)
     try:
         return kind(raw)
     except ValueError:
-        raise SystemExit(f"selora serve: {f.name} must be {kind.__name__}, got {raw!r}") from None
+        raise SystemExit(f"selora serve: {f.name} must be {kind.__name__.strip('_')}, got {raw!r}") from None
 
 
 HELP = {
@@ -96,8 +112,12 @@ HELP = {
     "weights": "open_clip pretrained tag or local .safetensors file",
     "device": "where the base model runs: auto (cuda if visible, else cpu), cpu, cuda or cuda:N",
     "dtype": "its weights' dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16",
-    "adapter_root": "directory of adapter directories: preloaded at start, uploads written here",
+    "store": "store directory (SQLite manifest, API keys, tenants, adapter blobs); created if missing",
+    "import_root": "directory of adapter directories: imported into the store once at first start; "
+                   "admins may copy more from it with POST /v1/adapters {name, path}",
     "host": "address to bind",
+    "cors_origins": "comma-separated browser origins allowed to call the API (any other Origin: 403)",
+    "allow_unauthenticated": "bind a non-loopback address although the store holds no API key",
     "port": "port to bind",
     "max_batch_size": "rows (images or texts) per forward",
     "max_wait_ms": "how long the oldest queued request waits for its batch to fill",
@@ -114,5 +134,8 @@ HELP = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; unset flags fall back to the environment, then the default."""
     for f in fields(Settings):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", default=None, metavar=f.name.upper(),
-                            help=f"{HELP[f.name]} (env SELORA_{f.name.upper()}; default {f.default})")
+        flag, env_help = f"--{f.name.replace('_', '-')}", f"env SELORA_{f.name.upper()}"
+        if str(f.type) == "bool":
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=f"{HELP[f.name]} ({env_help})")
+        else:
+            parser.add_argument(flag, default=None, metavar=f.name.upper(), help=f"{HELP[f.name]} ({env_help}; default {f.default})")

@@ -31,8 +31,9 @@ def test_mixed_texts_and_images_in_one_cycle_equal_forward_mixed(tmp_path, tiny_
 
     async def calls():
         return await asyncio.gather(
-            engine.embed("a", "image", imgs[:2]), engine.embed("base", "image", imgs[2:3]), engine.embed("b", "image", imgs[3:]),
-            engine.embed("b", "text", texts[:2]), engine.embed("a", "text", texts[2:]),
+            engine.embed("default/a", "image", imgs[:2]), engine.embed("base", "image", imgs[2:3]),
+            engine.embed("default/b", "image", imgs[3:]), engine.embed("default/b", "text", texts[:2]),
+            engine.embed("default/a", "text", texts[2:]),
         )
 
     ia, ibase, ib, tb, ta = asyncio.run(_running(engine, calls))
@@ -50,7 +51,7 @@ def test_zero_shot_runs_prompts_under_the_adapter(tmp_path, tiny_clip):
     sa = write_adapter(tiny_clip, tmp_path, "a", active=[b for b in blocks if b.startswith("text")][:4], seed=3)
     engine = make_engine(tiny_clip, tmp_path)
     labels = ["cat", "dog", "plane"]
-    preds = asyncio.run(_running(engine, lambda: engine.classify("a", [image_b64(0)], labels, top_k=3)))[0]
+    preds = asyncio.run(_running(engine, lambda: engine.classify("default/a", [image_b64(0)], labels, top_k=3)))[0]
     dev = to_device(sa, tiny_clip)
     weights = zero_shot_weights(tiny_clip, labels, encode_text=lambda t: forward_mixed(tiny_clip, t, [dev], [0] * len(t), "text"))
     img = forward_mixed(tiny_clip, preprocess_images(tiny_clip, [image_b64(0)], Limits()), [dev], [0])

@@ -1,6 +1,10 @@
+import hashlib
 import os
+import random
 
 import pytest
+import torch
+from safetensors.torch import load as load_safetensors
 
 from selora.adapters import AdapterError
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
@@ -10,110 +14,114 @@ from selora.runtime.registry import (
     InvalidAdapterNameError,
     UnknownAdapterError,
     UnsafePathError,
+    import_tree,
 )
+from selora.runtime.store import AdapterStore
 from tests.helpers import write_adapter
 
 
 def _state(reg: AdapterRegistry):
     return (
-        {n: reg.records[n] for n in reg.records},
+        dict(reg.records),
         dict(reg.host.sizes),
         dict(reg.device.sizes),
-        {n: (r.sparse is not None, r.device is not None) for n, r in reg.records.items()},
+        {k: (r.sparse is not None, r.device is not None) for k, r in reg.records.items()},
+        reg.store.entries(),
+        sorted(os.listdir(reg.store.blobs)),
     )
+
+
+def _files(root, name):
+    return (root / name / CONFIG_NAME).read_bytes(), (root / name / WEIGHTS_NAME).read_bytes()
 
 
 @pytest.fixture
 def three(tmp_path, tiny_vit):
     blocks = list(tiny_vit.blocks)
-    sizes = {n: write_adapter(tiny_vit, tmp_path, n, active=blocks[i : i + 2], seed=i).nbytes for i, n in enumerate(["x", "y", "z"])}
-    return tmp_path, sizes
+    root = tmp_path / "root"
+    sizes = {n: write_adapter(tiny_vit, root, n, active=blocks[i : i + 2], seed=i).nbytes for i, n in enumerate(["x", "y", "z"])}
+    return root, sizes
 
 
-def test_preload_registers_every_valid_directory_and_skips_bad_ones(three, tiny_vit):
+def _registry(tiny_vit, root, host_budget=1 << 20, device_budget=1 << 20, store=None, **kw):
+    store = store or AdapterStore(root.parent / "store")
+    import_tree(store, root, "default", tiny_vit.blocks)
+    reg = AdapterRegistry(tiny_vit, store, host_budget, device_budget, import_root=root, **kw)
+    reg.preload()
+    return reg
+
+
+def test_import_registers_every_valid_directory_and_skips_bad_ones(three, tiny_vit):
     root, _ = three
     (root / "broken").mkdir()
     (root / "broken" / CONFIG_NAME).write_text("{not json")
     (root / "broken" / WEIGHTS_NAME).write_bytes(b"")
-    reg = AdapterRegistry(tiny_vit, root, 1 << 20, 1 << 20)
-    assert reg.preload() == ["x", "y", "z"]
-    assert reg.names() == ["x", "y", "z"]
+    reg = _registry(tiny_vit, root)
+    assert [r.address for r in reg.current()] == ["default/x", "default/y", "default/z"]
+    assert [e.name for e in reg.store.entries()] == ["x", "y", "z"]
 
 
-def test_host_cache_budget_evicts_lru_and_reloads_from_disk(three, tiny_vit):
+def test_host_cache_budget_evicts_lru_and_reloads_from_the_store(three, tiny_vit):
     root, sizes = three
     events = []
-    reg = AdapterRegistry(tiny_vit, root, host_budget=2 * sizes["x"], device_budget=1 << 20, listener=lambda e, t: events.append((e, t)))
-    reg.preload()
-    assert [reg.records[n].sparse is not None for n in "xyz"] == [False, True, True]  # x was least recently used
-    assert reg.host.nbytes <= reg.host.budget
-    record = reg.pin("x")  # reload on demand; evicts y (now the LRU)
-    assert record.sparse is not None and reg.records["y"].sparse is None
-    assert ("evict", "host") in events and events.count(("load", "host")) == 4
+    reg = _registry(tiny_vit, root, host_budget=2 * sizes["x"], listener=lambda e, t: events.append((e, t)))
+    assert [reg.get(f"default/{n}").sparse is not None for n in "xyz"] == [True, True, False]  # preload fills, never evicts
+    record = reg.pin("default/z")  # reload on demand; evicts x (the LRU)
+    assert record.sparse is not None and reg.get("default/x").sparse is None
+    assert ("evict", "host") in events and events.count(("load", "host")) == 3
     reg.unpin(record)
+    assert reg.host.nbytes <= reg.host.budget
 
 
 def test_device_cache_budget_counts_active_blocks_and_evicts_lru(three, tiny_vit):
     root, sizes = three
-    reg = AdapterRegistry(tiny_vit, root, 1 << 20, device_budget=2 * sizes["x"])
-    reg.preload()
-    recs = [reg.pin(n) for n in "xyz"]
+    reg = _registry(tiny_vit, root, device_budget=2 * sizes["x"])
+    recs = [reg.pin(f"default/{n}") for n in "xyz"]
     reg.device_adapters(recs[:2])
     assert reg.device.nbytes == 2 * sizes["x"]  # fp32 device copy = the stored active blocks
     for r in recs:
         reg.unpin(r)
-    z = reg.pin("z")
+    z = reg.pin("default/z")
     (dev,) = reg.device_adapters([z])
-    assert reg.records["x"].device is None and reg.records["y"].device is not None and z.device is dev
+    assert reg.get("default/x").device is None and reg.get("default/y").device is not None and z.device is dev
     reg.unpin(z)
 
 
 def test_pinned_records_are_not_evicted(three, tiny_vit):
     root, sizes = three
-    reg = AdapterRegistry(tiny_vit, root, host_budget=sizes["x"], device_budget=1 << 20)
-    reg.preload()
-    z = reg.pin("z")
-    x = reg.pin("x")  # over budget while both are pinned: z stays
+    reg = _registry(tiny_vit, root, host_budget=sizes["x"])
+    z = reg.pin("default/z")
+    x = reg.pin("default/x")  # over budget while both are pinned: z stays
     assert z.sparse is not None and x.sparse is not None
     reg.unpin(x)
     reg.unpin(z)
 
 
-def test_failed_load_leaves_registry_exactly_as_it_was(three, tiny_vit, tiny_clip):
+def test_failed_put_leaves_registry_and_store_exactly_as_they_were(three, tiny_vit, tiny_clip):
     root, sizes = three
-    reg = AdapterRegistry(tiny_vit, root, host_budget=3 * sizes["x"], device_budget=1 << 20)
-    reg.preload()
+    reg = _registry(tiny_vit, root, host_budget=3 * sizes["x"])
     before = _state(reg)
     write_adapter(tiny_clip, root, "other_base", active=list(tiny_clip.blocks)[:2])
     with pytest.raises(AdapterError, match="base"):
-        reg.load("x", "other_base")  # would replace x and need room: validated first
-    (root / "bad").mkdir()
-    (root / "bad" / CONFIG_NAME).write_bytes((root / "x" / CONFIG_NAME).read_bytes())
-    (root / "bad" / WEIGHTS_NAME).write_bytes(b"\x80\x04pickle")
+        reg.import_dir("default", "x", "other_base")  # would replace x and need room: validated first
+    config, _ = _files(root, "x")
     with pytest.raises(AdapterError, match="pickle"):
-        reg.load("new", "bad")
+        reg.put("default", "new", config, b"\x80\x04pickle")
     with pytest.raises(AdapterError):
-        reg.upload("x", b"{}", b"")
-    assert _state(reg) == before
-    assert (root / "x" / WEIGHTS_NAME).is_file() and not (root / "new").exists()
-
-
-def test_too_large_adapter_is_refused_without_eviction(three, tiny_vit):
-    root, sizes = three
-    reg = AdapterRegistry(tiny_vit, root, host_budget=sizes["x"] + 1, device_budget=1 << 20)
-    reg.preload()
-    before = _state(reg)
-    write_adapter(tiny_vit, root, "big", active=list(tiny_vit.blocks)[:6])
+        reg.put("default", "x", b"{}", b"")
+    write_adapter(tiny_vit, root, "big", active=list(tiny_vit.blocks)[:12])
+    reg.host.budget = sizes["x"] * 5
     with pytest.raises(AdapterTooLargeError):
-        reg.load("big", "big")
+        reg.import_dir("default", "big", "big")
+    reg.host.budget = 3 * sizes["x"]
     assert _state(reg) == before
 
 
 @pytest.mark.parametrize("path", ["../x", "/etc", "x/../../x", ""])
-def test_paths_stay_inside_the_root(three, tiny_vit, path):
-    reg = AdapterRegistry(tiny_vit, three[0], 1 << 20, 1 << 20)
+def test_import_paths_stay_inside_the_root(three, tiny_vit, path):
+    reg = _registry(tiny_vit, three[0])
     with pytest.raises(UnsafePathError):
-        reg.load("n", path)
+        reg.import_dir("default", "n", path)
 
 
 def test_symlink_escaping_the_root_is_refused(three, tiny_vit, tmp_path_factory):
@@ -124,44 +132,104 @@ def test_symlink_escaping_the_root_is_refused(three, tiny_vit, tmp_path_factory)
     os.mkdir(root / "half")
     os.symlink(outside / "evil" / CONFIG_NAME, root / "half" / CONFIG_NAME)
     os.symlink(outside / "evil" / WEIGHTS_NAME, root / "half" / WEIGHTS_NAME)
-    reg = AdapterRegistry(tiny_vit, root, 1 << 20, 1 << 20)
+    reg = _registry(tiny_vit, root)
     for path in ("link", "half"):
         with pytest.raises(UnsafePathError):
-            reg.load("n", path)
-    assert reg.preload() == ["x", "y", "z"]
+            reg.import_dir("default", "n", path)
+    assert [r.name for r in reg.current()] == ["x", "y", "z"]  # the links were not imported either
 
 
 @pytest.mark.parametrize("name", ["", "base", "../x", "a/b", ".hidden", "x" * 65, "sp ace"])
 def test_names_are_validated(three, tiny_vit, name):
-    reg = AdapterRegistry(tiny_vit, three[0], 1 << 20, 1 << 20)
+    reg = _registry(tiny_vit, three[0])
     with pytest.raises(InvalidAdapterNameError):
-        reg.load(name, "x")
+        reg.import_dir("default", name, "x")
+    with pytest.raises(InvalidAdapterNameError):
+        reg.put(name, "ok", *_files(three[0], "x"))
 
 
 def test_replace_and_delete_keep_pinned_records_working(three, tiny_vit):
     root, _ = three
-    reg = AdapterRegistry(tiny_vit, root, 1 << 20, 1 << 20)
-    reg.preload()
-    old = reg.pin("x")
-    reg.load("x", "y")  # replace x
-    assert reg.get("x") is not old
+    reg = _registry(tiny_vit, root)
+    old = reg.pin("default/x")
+    reg.import_dir("default", "x", "y")  # replace x
+    assert reg.get("default/x") is not old and reg.get("default/x").entry.version > old.entry.version
     (dev,) = reg.device_adapters([old])  # the in-flight request still has its own version
     assert dev.num_blocks == 2 and old.sparse is not None
-    y = reg.pin("y")
-    reg.delete("y")
+    y = reg.pin("default/y")
+    reg.delete("default", "y")
     assert reg.device_adapters([y])[0] is not None
     with pytest.raises(UnknownAdapterError):
-        reg.get("y")
+        reg.get("default/y")
     reg.unpin(old)
     reg.unpin(y)
-    assert old.sparse is None and old.serial not in reg.host.sizes and y.serial not in reg.device.sizes
+    assert old.sparse is None and old.key not in reg.host.sizes and y.key not in reg.device.sizes
 
 
-def test_upload_writes_both_files_under_the_root_and_replaces_atomically(three, tiny_vit):
+def test_put_stores_one_content_addressed_blob_and_replaces_in_one_step(three, tiny_vit):
     root, _ = three
-    reg = AdapterRegistry(tiny_vit, root, 1 << 20, 1 << 20)
-    files = {n: (root / "y" / n).read_bytes() for n in (CONFIG_NAME, WEIGHTS_NAME)}
-    record = reg.upload("fresh", files[CONFIG_NAME], files[WEIGHTS_NAME])
-    assert (root / "fresh" / WEIGHTS_NAME).read_bytes() == files[WEIGHTS_NAME]
-    assert record.info["active_blocks"] == reg.upload("fresh", files[CONFIG_NAME], files[WEIGHTS_NAME]).info["active_blocks"]
-    assert sorted(p.name for p in root.iterdir()) == ["fresh", "x", "y", "z"]  # no staging leftovers
+    reg = _registry(tiny_vit, root)
+    config, weights = _files(root, "y")
+    first = reg.put("t1", "fresh", config, weights)
+    assert (reg.store.blobs / hashlib.sha256(weights).hexdigest()).read_bytes() == weights
+    second = reg.put("t1", "fresh", *_files(root, "z"))
+    assert second.entry.version > first.entry.version and second.entry.created == first.entry.created
+    assert sorted(os.listdir(reg.store.blobs)) == sorted({e.sha256 for e in reg.store.entries()})  # y's kept: default/y
+    reg.delete("t1", "fresh")
+    reg.delete("default", "z")
+    assert sorted(os.listdir(reg.store.blobs)) == sorted({e.sha256 for e in reg.store.entries()})
+
+
+def test_alias_of_a_replaced_adapter_never_serves_the_new_bytes(three, tiny_vit):
+    """The issue's scenario: load ``alias`` from ``lora1``'s directory, upload a new ``lora1``,
+    evict everything: ``alias`` still serves (and describes) the old bytes."""
+    root, sizes = three
+    reg = _registry(tiny_vit, root, host_budget=sizes["x"], device_budget=sizes["x"])
+    reg.import_dir("default", "alias", "x")
+    alias_before = reg.get("default/alias").entry
+    write_adapter(tiny_vit, root, "x", active=list(tiny_vit.blocks)[6:8], seed=42)  # a new lora1 on disk, same size
+    reg.import_dir("default", "x", "x")
+    for n in ("y", "z", "x", "y"):  # churn both caches
+        r = reg.pin(f"default/{n}")
+        reg.device_adapters([r])
+        reg.unpin(r)
+    alias = reg.pin("default/alias")
+    (dev,) = reg.device_adapters([alias])
+    assert alias.entry == alias_before and list(alias.sparse.blocks) == alias_before.info["active_blocks"]
+    assert list(alias.sparse.blocks) != list(reg.get("default/x").entry.info["active_blocks"])
+    reg.unpin(alias)
+
+
+def _same_bytes(sparse, weights: bytes) -> bool:
+    tensors = load_safetensors(weights)
+    return set(sparse.tensors()) == set(tensors) and all(torch.equal(t, tensors[k]) for k, t in sparse.tensors().items())
+
+
+def test_no_sequence_of_loads_replacements_and_evictions_serves_other_bytes(tmp_path, tiny_vit):
+    """Random puts, replacements, deletions, pins and device loads under budgets of one or two
+    adapters: every host copy served equals the bytes its (tenant, name, version) was committed
+    with, and every device copy has its block count."""
+    blocks = [b for b in tiny_vit.blocks if b.endswith((".q", ".k", ".v", ".out"))]  # one size: budgets count adapters
+    rng = random.Random(0)
+    variants = []
+    for i in range(6):
+        write_adapter(tiny_vit, tmp_path / "src", f"v{i}", active=rng.sample(blocks, 2), seed=i)
+        variants.append(_files(tmp_path / "src", f"v{i}"))
+    one = sum(t.numel() * 4 for t in load_safetensors(variants[0][1]).values())
+    reg = AdapterRegistry(tiny_vit, AdapterStore(tmp_path / "store"), 2 * one, one)
+    committed, checked = {}, 0  # (tenant, name, version) -> weights bytes
+    for _ in range(80):
+        tenant, name, action = rng.choice(["t1", "t2"]), rng.choice(["a", "b", "c"]), rng.random()
+        if action < 0.35:
+            config, weights = rng.choice(variants)
+            committed[reg.put(tenant, name, config, weights).key] = weights
+        elif action < 0.45 and (tenant, name) in reg.records:
+            reg.delete(tenant, name)
+        elif (tenant, name) in reg.records:
+            record = reg.pin(f"{tenant}/{name}")
+            (dev,) = reg.device_adapters([record])
+            if record.sparse is not None:  # else its device copy stayed resident since it was checked
+                assert _same_bytes(record.sparse, committed[record.key]) and dev.num_blocks == len(record.sparse.blocks)
+                checked += 1
+            reg.unpin(record)
+    assert checked > 20 and reg.host.nbytes <= reg.host.budget and reg.device.nbytes <= reg.device.budget

@@ -31,7 +31,8 @@ def test_uvicorn_process_serves_and_stops_cleanly(tmp_path, tiny_vit):
     write_adapter(tiny_vit, tmp_path, "pre", active=list(tiny_vit.blocks)[:2])
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SELORA_MAX_BATCH_SIZE": "8"}
-    cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", "tiny-vit", "--adapter-root", str(tmp_path), "--port", str(port)]
+    cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", "tiny-vit", "--import-root", str(tmp_path),
+           "--store", str(tmp_path / ".store"), "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -62,8 +63,10 @@ def test_settings_precedence_flags_over_env_over_defaults():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     env = {"SELORA_PORT": "9001", "SELORA_MAX_WAIT_MS": "2.5", "SELORA_MODEL": "tiny-clip"}
-    s = Settings.load(parser.parse_args(["--model", "tiny-vit", "--adapter-root", "/tmp/a"]), env)
-    assert (s.model, s.port, s.max_wait_ms, s.adapter_root, s.host) == ("tiny-vit", 9001, 2.5, "/tmp/a", "127.0.0.1")
+    s = Settings.load(parser.parse_args(["--model", "tiny-vit", "--import-root", "/tmp/a", "--allow-unauthenticated"]), env)
+    assert (s.model, s.port, s.max_wait_ms, s.import_root, s.host) == ("tiny-vit", 9001, 2.5, "/tmp/a", "127.0.0.1")
+    assert s.allow_unauthenticated and not Settings.load(parser.parse_args([]), {}).allow_unauthenticated
+    assert Settings.load(parser.parse_args([]), {"SELORA_ALLOW_UNAUTHENTICATED": "true"}).allow_unauthenticated
     assert Settings.load(None, {}).model == "dinov2-small"
 
 
@@ -85,7 +88,7 @@ def test_serve_refuses_a_device_it_cannot_use():
 
 
 def test_not_ready_while_loading_or_after_a_failed_load(tmp_path):
-    with TestClient(create_app(Settings(model="no-such-model", adapter_root=str(tmp_path)))) as client:
+    with TestClient(create_app(Settings(model="no-such-model", import_root=str(tmp_path), store=str(tmp_path / ".store")))) as client:
         assert client.get("/health").status_code == 200
         deadline = time.monotonic() + 30
         while "failed" not in (r := client.get("/ready")).text and time.monotonic() < deadline:
