@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = FastAPI(title="selora", version="0.1.0", lifespan=lifespan,
                   description="Embeddings and classification with sparse LoRA/DoRA adapters on one CLIP/DINO base")
     app.state.engine, app.state.metrics, app.state.settings, app.state.load_error = engine, metrics, settings, None
+    app.state.store = store
     errors.install(app, metrics.on_error)
     app.include_router(router)
 
