@@ -1,0 +1,59 @@
+"""``selora keys`` and ``selora store``: the operator's side of the store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from selora.cli import main
+from selora.runtime.store import AdapterStore, hash_key
+from tests.helpers import write_adapter
+
+
+def _run(capsys, *argv) -> list[str]:
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def test_keys_create_list_revoke(tmp_path, capsys):
+    store_dir = str(tmp_path / "s")
+    out = _run(capsys, "keys", "--store", store_dir, "create", "--tenant", "acme", "--admin")
+    key = out[-1]
+    assert key.startswith("sk-selora-") and len(key) >= 10 + 43 and " " not in key
+    store = AdapterStore(store_dir)
+    assert store.authenticate(key).tenant == "acme" and store.authenticate(key).admin
+    on_disk = b"".join(p.read_bytes() for p in (tmp_path / "s").glob("selora.db*"))
+    assert key.encode() not in on_disk and hash_key(key) in on_disk  # only its hash is kept
+    listed = _run(capsys, "keys", "--store", store_dir, "list")
+    assert "acme" in listed[1] and "yes" in listed[1] and key not in "\n".join(listed)
+    _run(capsys, "keys", "--store", store_dir, "revoke", "1")
+    assert store.authenticate(key) is None and store.list_keys()[0]["revoked"] is not None
+    with pytest.raises(SystemExit, match="no key with id 9"):
+        main(["keys", "--store", store_dir, "revoke", "9"])
+    for bad in ("shared", "a/b", "../x"):
+        with pytest.raises(SystemExit):
+            main(["keys", "--store", store_dir, "create", "--tenant", bad])
+
+
+def test_store_quota_and_import(tmp_path, capsys, tiny_vit):
+    store_dir = str(tmp_path / "s")
+    out = _run(capsys, "store", "--store", store_dir, "quota", "acme", "--max-adapters", "3", "--max-mb", "1.5", "--rate", "5")
+    assert out == ["tenant acme: adapters 3, bytes 1572864, requests/s 5.0, burst unlimited"]
+    out = _run(capsys, "store", "--store", store_dir, "quota", "acme", "--max-adapters", "none")
+    assert out == ["tenant acme: adapters unlimited, bytes 1572864, requests/s 5.0, burst unlimited"]
+    with pytest.raises(SystemExit, match="rate must be above 0"):
+        main(["store", "--store", store_dir, "quota", "acme", "--rate", "0"])
+    for i, name in enumerate(["p", "q"]):
+        write_adapter(tiny_vit, tmp_path / "root", name, active=list(tiny_vit.blocks)[i : i + 1], seed=i)
+    (tmp_path / "root" / "junk").mkdir()
+    out = _run(capsys, "store", "--store", store_dir, "import", str(tmp_path / "root"), "--tenant", "acme")
+    assert out == ["imported 2 adapters into tenant acme: p, q"]
+    assert [(e.tenant, e.name) for e in AdapterStore(store_dir).entries()] == [("acme", "p"), ("acme", "q")]
+
+
+def test_serve_refuses_a_public_address_without_keys(tmp_path):
+    cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", "tiny-vit", "--host", "0.0.0.0", "--store", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "holds no API key" in out.stderr and "--allow-unauthenticated" in out.stderr
