@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,12 +35,10 @@ from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, Adap
 from selora.models.blocks import BlockTable
 from selora.models.factory import Backbone
 from selora.runtime.batch import DeviceAdapter, to_device
-from selora.runtime.store import AdapterStore, Entry, StoreError
+from selora.runtime.store import AdapterStore, Entry, StoreError, valid_name
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-RESERVED_NAMES = ("base",)
 Key = tuple[str, str, int]  # (tenant, name, version)
 
 
@@ -101,7 +98,7 @@ def address(tenant: str, name: str) -> str:
 
 
 def validate_name(name: str, what: str = "adapter name") -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in RESERVED_NAMES or name.startswith(".."):
+    if not valid_name(name):
         raise InvalidAdapterNameError(
             f"invalid {what} {name!r}: use 1-64 characters [A-Za-z0-9._-], starting with a letter or digit, not 'base'"
         )

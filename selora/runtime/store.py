@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -37,6 +38,12 @@ TMP_PREFIX = ".tmp-"
 KEY_PREFIX = "sk-selora-"
 DEFAULT_TENANT = "default"
 SHARED_TENANT = "shared"  # adapters every tenant may use; only admins change them
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # tenant and adapter names
+RESERVED_NAMES = ("base",)
+
+
+def valid_name(name) -> bool:
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None and name not in RESERVED_NAMES
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (

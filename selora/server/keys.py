@@ -6,8 +6,7 @@ import argparse
 import datetime
 import os
 
-from selora.runtime.registry import InvalidAdapterNameError, validate_name
-from selora.runtime.store import SHARED_TENANT, AdapterStore, UnknownKeyError
+from selora.runtime.store import SHARED_TENANT, AdapterStore, UnknownKeyError, valid_name
 
 
 def add_store_argument(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +32,9 @@ def _when(t: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     store = AdapterStore(args.store)
     if args.action == "create":
-        try:
-            validate_name(args.tenant, "tenant name")
-        except InvalidAdapterNameError as e:
-            raise SystemExit(f"selora keys: {e}") from None
+        if not valid_name(args.tenant):
+            raise SystemExit(f"selora keys: invalid tenant name {args.tenant!r}: use 1-64 characters [A-Za-z0-9._-], "
+                             "starting with a letter or digit")
         if args.tenant == SHARED_TENANT:
             raise SystemExit(f"selora keys: {SHARED_TENANT!r} holds the shared adapters; it has no keys of its own")
         key_id, key = store.create_key(args.tenant, args.admin)

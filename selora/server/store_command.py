@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from selora.runtime.registry import RegistryError, import_tree
 from selora.runtime.store import DEFAULT_TENANT, AdapterStore
 from selora.server.keys import add_store_argument
-from selora.server.settings import MiB
+
+MiB = 1 << 20
 
 QUOTA_FIELDS = {"max_adapters": int, "max_mb": float, "rate": float, "burst": int}
 
@@ -41,6 +41,8 @@ def _limit(field: str, raw: str, kind):
 def run(args: argparse.Namespace) -> int:
     store = AdapterStore(args.store)
     if args.action == "import":
+        from selora.runtime.registry import RegistryError, import_tree  # torch: only when importing
+
         try:
             names = import_tree(store, args.directory, args.tenant)
         except (OSError, RegistryError) as e:
