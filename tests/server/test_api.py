@@ -62,6 +62,8 @@ def test_load_by_path_and_its_errors(vit_client, vit_root, tiny_vit, tiny_clip):
     write_adapter(tiny_clip, vit_root, "clip_one", active=list(tiny_clip.blocks)[:1])
     _error(vit_client.post("/v1/adapters", json={"name": "n", "path": "clip_one"}), 422, "base_model_mismatch")
     assert [a["name"] for a in vit_client.get("/v1/adapters").json()["data"]] == ["a1", "fresh", "headed"]
+    refused = [vit_client.post("/v1/adapters", json={"name": "n", "path": p}) for p in ("missing", "../etc", "clip_one", "/etc")]
+    assert all(r.status_code in (404, 422) and str(vit_root) not in r.text and "/tmp" not in r.text for r in refused)
 
 
 def test_upload_and_its_errors(vit_client, vit_root):
