@@ -15,7 +15,8 @@ QUOTA_FIELDS = {"max_adapters": int, "max_mb": float, "rate": float, "burst": in
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_store_argument(parser)
     sub = parser.add_subparsers(dest="action", required=True)
-    imp = sub.add_parser("import", help="copy every format-v1 adapter directory under DIR into the store")
+    imp = sub.add_parser("import", help="copy every format-v1 adapter directory under DIR into the store "
+                         "(a running server serves them from its next start; keys and quotas apply at once)")
     imp.add_argument("directory", metavar="DIR")
     imp.add_argument("--tenant", default=DEFAULT_TENANT, help=f"owner of the imported adapters (default {DEFAULT_TENANT})")
     quota = sub.add_parser("quota", help="show or set a tenant's quotas ('none': unlimited)")
