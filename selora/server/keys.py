@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     revoke.add_argument("id", type=int)
 
 
-def _when(t: float | None) -> str:
+def when(t: float | None) -> str:
     return "-" if t is None else datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "list":
         print(f"{'id':>4}  {'tenant':20} {'admin':5}  {'created':20} revoked")
         for k in store.list_keys():
-            print(f"{k['id']:>4}  {k['tenant']:20} {'yes' if k['admin'] else 'no':5}  {_when(k['created']):20} {_when(k['revoked'])}")
+            print(f"{k['id']:>4}  {k['tenant']:20} {'yes' if k['admin'] else 'no':5}  {when(k['created']):20} {when(k['revoked'])}")
     else:
         try:
             store.revoke_key(args.id)

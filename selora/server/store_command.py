@@ -1,11 +1,12 @@
-"""``selora store import|quota``: fill the store from adapter directories; per-tenant quotas."""
+"""``selora store import|list|quota``: fill the store from adapter directories, list what it
+holds, set per-tenant quotas."""
 
 from __future__ import annotations
 
 import argparse
 
 from selora.runtime.store import DEFAULT_TENANT, AdapterStore
-from selora.server.keys import add_store_argument
+from selora.server.keys import add_store_argument, when
 
 MiB = 1 << 20
 
@@ -19,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "(a running server serves them from its next start; keys and quotas apply at once)")
     imp.add_argument("directory", metavar="DIR")
     imp.add_argument("--tenant", default=DEFAULT_TENANT, help=f"owner of the imported adapters (default {DEFAULT_TENANT})")
+    sub.add_parser("list", help="every stored adapter: tenant, name, version, stored bytes, content hash, updated")
     quota = sub.add_parser("quota", help="show or set a tenant's quotas ('none': unlimited)")
     quota.add_argument("tenant")
     quota.add_argument("--max-adapters", help="adapters the tenant may store")
@@ -49,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, RegistryError) as e:
             raise SystemExit(f"selora store import: {e}") from None
         print(f"imported {len(names)} adapters into tenant {args.tenant}: {', '.join(names) or '-'}")
+        return 0
+    if args.action == "list":
+        print(f"{'tenant':20} {'name':24} {'version':>7} {'bytes':>10}  {'sha256':12}  updated")
+        for e in store.entries():
+            print(f"{e.tenant:20} {e.name:24} {e.version:>7} {e.bytes:>10}  {e.sha256[:12]}  {when(e.updated)}")
         return 0
     limits = {}
     for field, kind in QUOTA_FIELDS.items():

@@ -51,6 +51,8 @@ def test_store_quota_and_import(tmp_path, capsys, tiny_vit):
     out = _run(capsys, "store", "--store", store_dir, "import", str(tmp_path / "root"), "--tenant", "acme")
     assert out == ["imported 2 adapters into tenant acme: p, q"]
     assert [(e.tenant, e.name) for e in AdapterStore(store_dir).entries()] == [("acme", "p"), ("acme", "q")]
+    listed = _run(capsys, "store", "--store", store_dir, "list")
+    assert [line.split()[:3] for line in listed[1:]] == [["acme", "p", "1"], ["acme", "q", "2"]]
 
 
 def test_serve_refuses_a_public_address_without_keys(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
+from selora.server.metrics import MAX_TENANT_LABELS, Metrics
 from tests.helpers import image_b64, make_app, write_adapter
 
 HEAD = ["cat", "dog"]
@@ -196,3 +197,13 @@ def test_foreign_origins_are_refused_before_anything_changes(tmp_path, tiny_vit)
         ok = client.post("/v1/adapters", data={"name": "a"}, files=_files(src, "a"), headers={"Origin": "http://localhost:3000"})
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
         assert client.get("/v1/adapters").status_code == 200  # no Origin: not a browser
+
+
+def test_tenant_metric_labels_are_bounded():
+    metrics = Metrics()
+    for i in range(MAX_TENANT_LABELS + 10):
+        metrics.on_request(f"t{i}")
+    metrics.on_request("t0")
+    text = metrics.render().decode()
+    assert text.count("selora_tenant_requests_total{") == MAX_TENANT_LABELS + 1
+    assert 'selora_tenant_requests_total{tenant="other"} 10.0' in text and 'tenant="t0"} 2.0' in text
