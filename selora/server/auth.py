@@ -19,7 +19,8 @@ import math
 import threading
 import time
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
 
 from selora.runtime.registry import UnknownAdapterError, address
 from selora.runtime.store import SHARED_TENANT, AdapterStore, Caller
@@ -105,7 +106,11 @@ class Authenticate:
         await errors.error_response(status, kind, message, headers)(scope, receive, send)
 
 
-def get_caller(request: Request) -> Caller:
+BEARER = HTTPBearer(auto_error=False, description="an API key of `selora keys create`")
+
+
+def get_caller(request: Request, _: object = Depends(BEARER)) -> Caller:
+    """The caller ``Authenticate`` found (the dependency on ``BEARER`` documents the scheme)."""
     return request.state.caller
 
 

@@ -139,6 +139,9 @@ def test_open_paths_metrics_and_json_import_need_the_right_key(world):
     r = client.post("/v1/adapters", json={"name": "x", "path": "a"}, headers=_auth(keys["t1"]))
     assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden"
     assert client.get("/v1/models", headers={"Authorization": "Basic abc"}).status_code == 401
+    spec = client.get("/openapi.json", headers=_auth(keys["t1"])).json()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert spec["paths"]["/v1/embeddings"]["post"]["security"] == [{"HTTPBearer": []}]
     assert client.get("/v1/models", headers=_auth(keys["t1"] + "x")).status_code == 401
 
 
