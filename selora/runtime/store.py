@@ -184,12 +184,6 @@ class AdapterStore:
             raise
         db.execute("COMMIT")
 
-    def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
-
     # -- tenants and quotas -------------------------------------------------------------
     def _ensure_tenant(self, db: sqlite3.Connection, tenant: str) -> None:
         db.execute("INSERT OR IGNORE INTO tenants (name, created) VALUES (?, ?)", (tenant, time.time()))
@@ -209,10 +203,6 @@ class AdapterStore:
         row = self._db().execute(
             "SELECT max_adapters, max_bytes, rate_per_s, burst FROM tenants WHERE name = ?", (tenant,)).fetchone()
         return Quota(*(row or (None, None, None, None)))
-
-    def tenants(self) -> list[tuple[str, Quota]]:
-        rows = self._db().execute("SELECT name, max_adapters, max_bytes, rate_per_s, burst FROM tenants ORDER BY name")
-        return [(r[0], Quota(*r[1:])) for r in rows]
 
     # -- keys ---------------------------------------------------------------------------
     def create_key(self, tenant: str, admin: bool = False) -> tuple[int, str]:
@@ -258,11 +248,15 @@ class AdapterStore:
         path = self.blobs / sha
         if not path.exists():
             tmp = self.blobs / f"{TMP_PREFIX}{secrets.token_hex(8)}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             _fsync_dir(self.blobs)
         return sha
 
