@@ -204,6 +204,11 @@ class AdapterStore:
             "SELECT max_adapters, max_bytes, rate_per_s, burst FROM tenants WHERE name = ?", (tenant,)).fetchone()
         return Quota(*(row or (None, None, None, None)))
 
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Per tenant holding adapters: (adapters, stored bytes)."""
+        rows = self._db().execute("SELECT tenant, count(*), sum(bytes) FROM adapters GROUP BY tenant ORDER BY tenant")
+        return {r[0]: (r[1], r[2]) for r in rows}
+
     # -- keys ---------------------------------------------------------------------------
     def create_key(self, tenant: str, admin: bool = False) -> tuple[int, str]:
         """A new key for ``tenant``: (its id, the key itself, which is not stored)."""

@@ -24,12 +24,17 @@ class Metrics:
         self.evictions = Counter("selora_adapter_evictions", "adapter evictions from a tier", ["tier"], registry=r)
         self.errors = Counter("selora_errors", "error responses by type", ["type"], registry=r)
         self.requests = Counter("selora_tenant_requests", "authenticated requests by tenant", ["tenant"], registry=r)
+        self.tenant_adapters = Gauge("selora_tenant_adapters", "stored adapters by tenant", ["tenant"], registry=r)
+        self.tenant_bytes = Gauge("selora_tenant_stored_bytes", "stored adapter bytes by tenant", ["tenant"], registry=r)
         self._tenants: set[str] = set()
 
-    def on_request(self, tenant: str) -> None:
+    def _tenant_label(self, tenant: str) -> str:
         if tenant not in self._tenants and len(self._tenants) < MAX_TENANT_LABELS:
             self._tenants.add(tenant)
-        self.requests.labels(tenant if tenant in self._tenants else "other").inc()
+        return tenant if tenant in self._tenants else "other"
+
+    def on_request(self, tenant: str) -> None:
+        self.requests.labels(self._tenant_label(tenant)).inc()
 
     def on_registry_event(self, event: str, tier: str) -> None:
         (self.loads if event == "load" else self.evictions).labels(tier).inc()
@@ -48,4 +53,13 @@ class Metrics:
             for tier, (count, nbytes) in engine.registry.resident().items():
                 self.adapters_resident.labels(tier).set(count)
                 self.bytes_resident.labels(tier).set(nbytes)
+            usage: dict[str, list[int]] = {}
+            for tenant, (count, nbytes) in engine.registry.store.usage().items():
+                totals = usage.setdefault(self._tenant_label(tenant), [0, 0])
+                totals[0], totals[1] = totals[0] + count, totals[1] + nbytes
+            for gauge in (self.tenant_adapters, self.tenant_bytes):
+                gauge.clear()
+            for label, (count, nbytes) in usage.items():
+                self.tenant_adapters.labels(label).set(count)
+                self.tenant_bytes.labels(label).set(nbytes)
         return generate_latest(self.registry)

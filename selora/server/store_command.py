@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         limits["rate_per_s"] = limits.pop("rate")
     q = store.set_quota(args.tenant, **limits) if limits else store.quota(args.tenant)
     show = lambda v: "unlimited" if v is None else v  # noqa: E731
+    adapters, nbytes = store.usage().get(args.tenant, (0, 0))
     print(f"tenant {args.tenant}: adapters {show(q.max_adapters)}, bytes {show(q.max_bytes)}, "
-          f"requests/s {show(q.rate_per_s)}, burst {show(q.burst)}")
+          f"requests/s {show(q.rate_per_s)}, burst {show(q.burst)}; using {adapters} adapters, {nbytes} bytes")
     return 0

@@ -40,9 +40,9 @@ def test_keys_create_list_revoke(tmp_path, capsys):
 def test_store_quota_and_import(tmp_path, capsys, tiny_vit):
     store_dir = str(tmp_path / "s")
     out = _run(capsys, "store", "--store", store_dir, "quota", "acme", "--max-adapters", "3", "--max-mb", "1.5", "--rate", "5")
-    assert out == ["tenant acme: adapters 3, bytes 1572864, requests/s 5.0, burst unlimited"]
+    assert out == ["tenant acme: adapters 3, bytes 1572864, requests/s 5.0, burst unlimited; using 0 adapters, 0 bytes"]
     out = _run(capsys, "store", "--store", store_dir, "quota", "acme", "--max-adapters", "none")
-    assert out == ["tenant acme: adapters unlimited, bytes 1572864, requests/s 5.0, burst unlimited"]
+    assert out == ["tenant acme: adapters unlimited, bytes 1572864, requests/s 5.0, burst unlimited; using 0 adapters, 0 bytes"]
     with pytest.raises(SystemExit, match="rate must be above 0"):
         main(["store", "--store", store_dir, "quota", "acme", "--rate", "0"])
     for i, name in enumerate(["p", "q"]):
@@ -51,6 +51,8 @@ def test_store_quota_and_import(tmp_path, capsys, tiny_vit):
     out = _run(capsys, "store", "--store", store_dir, "import", str(tmp_path / "root"), "--tenant", "acme")
     assert out == ["imported 2 adapters into tenant acme: p, q"]
     assert [(e.tenant, e.name) for e in AdapterStore(store_dir).entries()] == [("acme", "p"), ("acme", "q")]
+    assert _run(capsys, "store", "--store", store_dir, "quota", "acme")[0].endswith(
+        f"using 2 adapters, {sum(e.bytes for e in AdapterStore(store_dir).entries())} bytes")
     listed = _run(capsys, "store", "--store", store_dir, "list")
     assert [line.split()[:3] for line in listed[1:]] == [["acme", "p", "1"], ["acme", "q", "2"]]
 

@@ -135,7 +135,8 @@ def test_open_paths_metrics_and_json_import_need_the_right_key(world):
         assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
     assert client.get("/metrics", headers=_auth(keys["t1"])).status_code == 403
     metrics = client.get("/metrics", headers=_auth(keys["admin"])).text
-    assert 'selora_tenant_requests_total{tenant="t1"}' in metrics
+    assert 'selora_tenant_requests_total{tenant="t1"}' in metrics and 'selora_tenant_adapters{tenant="t2"} 1.0' in metrics
+    assert 'selora_tenant_adapters{tenant="shared"} 1.0' in metrics and 'selora_tenant_stored_bytes{tenant="t1"}' in metrics
     r = client.post("/v1/adapters", json={"name": "x", "path": "a"}, headers=_auth(keys["t1"]))
     assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden"
     assert client.get("/v1/models", headers={"Authorization": "Basic abc"}).status_code == 401
