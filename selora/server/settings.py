@@ -44,6 +44,10 @@ class Settings:
     max_inputs: int = 64  # inputs per request (413 beyond)
     max_image_pixels: int = 4096 * 4096  # decoded image width x height (413 beyond)
     max_text_chars: int = 2048  # characters per text (413 beyond)
+    ray: bool = False  # serve on Ray Serve: an ingress and engine replicas (extra [ray])
+    replicas: int = 2  # engine replicas with --ray
+    autoscale: str = ""  # MIN:MAX engine replicas with --ray, instead of a fixed number
+    ray_address: str = ""  # join this Ray cluster with --ray (default: start a local one)
 
     @property
     def limits(self) -> Limits:
@@ -128,6 +132,10 @@ HELP = {
     "max_inputs": "inputs per request (413)",
     "max_image_pixels": "pixels of one decoded image (413)",
     "max_text_chars": "characters of one text (413)",
+    "ray": "serve on Ray Serve: one ingress (this API) and engine replicas sharing the store (pip install 'selora[ray]')",
+    "replicas": "engine replicas with --ray (each loads the base model)",
+    "autoscale": "MIN:MAX engine replicas with --ray, scaled by Ray Serve on load (instead of --replicas)",
+    "ray_address": "Ray cluster to join with --ray (default: start a local Ray instance)",
 }
 
 
