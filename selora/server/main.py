@@ -29,9 +29,14 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"selora serve: the store holds no API key, so anyone reaching {settings.host} could use and change "
                              "every adapter; create one (selora keys create --tenant T) or pass --allow-unauthenticated")
     if settings.ray:
-        from selora.server.ray_serve import run_on_ray
-
-        return run_on_ray(settings)
+        try:
+            from selora.server.ray_serve import run_on_ray
+        except ImportError as e:
+            raise SystemExit(f"selora serve --ray needs Ray Serve: pip install 'selora[ray]' ({e})") from None
+        try:
+            return run_on_ray(settings)
+        except settings_module.SettingsError as e:
+            raise SystemExit(f"selora serve: {e}") from None
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 

@@ -38,7 +38,7 @@ from selora.runtime.engine import BASE, EngineStoppedError
 from selora.runtime.registry import UnknownAdapterError
 from selora.runtime.store import AdapterStore
 from selora.server.app import build_engine, create_app, open_store
-from selora.server.settings import MiB, Settings
+from selora.server.settings import MiB, Settings, SettingsError
 
 log = logging.getLogger("selora.ray")
 
@@ -179,7 +179,7 @@ class ReplicaHeader:
         await self.app(scope, receive, send_with_replica)
 
 
-@serve.deployment(name="SeloraIngress", num_replicas=1)
+@serve.deployment(name="SeloraIngress", num_replicas=1, ray_actor_options={"num_cpus": 0})  # like Serve's own HTTP proxy
 @serve.ingress()
 class Ingress:
     """The FastAPI app of ``selora serve``, its engine calls sent to the engine replicas."""
@@ -220,7 +220,7 @@ def run_on_ray(settings: Settings) -> int:
     application on ``--host``/``--port`` until interrupted."""
     import ray
 
-    autoscale = parse_autoscale(settings.autoscale) if settings.autoscale else None
+    autoscale = parse_autoscale(settings.autoscale) if settings.autoscale else None  # refused before Ray starts
     ray.init(address=settings.ray_address or None)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_application(settings, settings.replicas, autoscale), name="selora", route_prefix="/", blocking=True)
@@ -230,5 +230,5 @@ def run_on_ray(settings: Settings) -> int:
 def parse_autoscale(text: str) -> tuple[int, int]:
     lo, sep, hi = str(text).partition(":")
     if not sep or not lo.isdigit() or not hi.isdigit() or not 1 <= int(lo) <= int(hi):
-        raise ValueError(f"autoscale must be MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+        raise SettingsError(f"autoscale must be MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
     return int(lo), int(hi)

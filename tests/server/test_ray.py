@@ -201,3 +201,20 @@ def test_a_replica_killed_during_traffic_gives_no_wrong_answer_and_no_hang(clust
             assert retry_after is not None
     with httpx.Client(base_url=cluster["url"], timeout=60) as client:  # the cluster serves on
         np.testing.assert_allclose(_rows(_embed(client, key, name, IMAGES[:1])), want, atol=1e-5, rtol=1e-5)
+
+
+def test_deploy_configs_are_valid_ray_serve_configs_of_this_application():
+    """deploy/serve.yaml and the RayService's serveConfigV2 pass Ray Serve's own schema, and their
+    args build the application (without starting it)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from selora.server.ray_serve import app_builder
+
+    deploy = __import__("pathlib").Path(__file__).resolve().parents[2] / "deploy"
+    serve_cfg = yaml.safe_load((deploy / "serve.yaml").read_text())
+    service = next(yaml.safe_load_all((deploy / "rayservice.yaml").read_text()))
+    for cfg in (serve_cfg, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        app = ServeDeploySchema(**cfg).applications[0]
+        assert app.import_path == "selora.server.ray_serve:app_builder"
+        assert isinstance(app_builder({**app.args, "device": "cpu"}), serve.Application)
