@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": ("selora.training.evaluate", "top-1, retention k-NN before/after, CLIP zero-shot and retrieval"),
     "keys": ("selora.server.keys", "create, list and revoke API keys of the store"),
     "store": ("selora.server.store_command", "import adapter directories into the store; per-tenant quotas"),
+    "convert": ("selora.adapters.convert", "PEFT LoRA/DoRA adapters to selora and back, or one adapter merged into the base"),
 }
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, AdapterNotFoundError, SparseAdapter, parse_adapter
+from selora.adapters.peft import as_selora_files
 from selora.models.blocks import BlockTable
 from selora.models.factory import Backbone
 from selora.runtime.batch import DeviceAdapter, to_device
@@ -242,6 +243,7 @@ class AdapterRegistry:
         previous version) and register the new version."""
         validate_name(tenant, "tenant name")
         validate_name(name)
+        config_bytes, weights_bytes = as_selora_files(config_bytes, weights_bytes, self.backbone)  # PEFT: converted
         adapter = parse_adapter(config_bytes, weights_bytes, self.backbone.blocks)
         self._check_fits(adapter)
         with self._write_lock:
