@@ -139,6 +139,9 @@ def _peft_config(config_bytes: bytes) -> dict:
                 raise PeftConversionError(f"{field} key {key[:80]!r} is not a module name (regex quantifiers are not accepted)")
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
                 raise PeftConversionError(f"{field}[{key!r}] must be a positive number")
+    r = cfg.get("r", 8)
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        raise PeftConversionError(f"r must be a positive integer, got {r!r}")
     alpha = cfg.get("lora_alpha", 8)
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
         raise PeftConversionError(f"lora_alpha must be a positive number, got {alpha!r}")
@@ -175,13 +178,15 @@ def from_peft(config_bytes: bytes, weights_bytes: bytes, backbone: Backbone) -> 
         module, part = _split_key(key)
         groups.setdefault(module, {})[part] = tensor.float()
     head = groups.pop(HEAD, None)
-    if head is not None and (backbone.library != "timm" or HEAD not in (cfg.get("modules_to_save") or [])):
+    if (head is not None) != (HEAD in (cfg.get("modules_to_save") or [])):
+        raise PeftConversionError("modules_to_save and the file disagree on a classification head 'head'")
+    if head is not None and backbone.library != "timm":
         raise PeftConversionError("a classification head is only taken from a timm model's modules_to_save 'head'")
     sites = peft_modules(backbone)
     per_site = {}
     for module, parts in groups.items():
         if module not in sites:
-            kinds = ", ".join(sorted({m.split(".", 2)[-1] for m in sites}))
+            kinds = ", ".join(sorted({re.sub(r"^.*?\.\d+\.", "", m) for m in sites}))
             raise PeftConversionError(f"PEFT module {module!r} is not a block of this base (adaptable: {kinds})")
         needed = ["lora_A", "lora_B"] + (["magnitude"] if dora else [])
         if sorted(parts) != sorted(needed):
@@ -195,6 +200,9 @@ def from_peft(config_bytes: bytes, weights_bytes: bytes, backbone: Backbone) -> 
                                       f"do not fit its base layer [{d_out}, {d_in}]")
         if dora and tuple(parts["magnitude"].shape) != (d_out,):
             raise PeftConversionError(f"PEFT module {module!r}: magnitude {list(parts['magnitude'].shape)}, expected [{d_out}]")
+        configured = _pattern_value(cfg.get("rank_pattern") or {}, _pattern_module(module), cfg.get("r", 8))
+        if configured != r:
+            raise PeftConversionError(f"PEFT module {module!r} has rank {r}, its config says {configured}")
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, _pattern_module(module), cfg.get("lora_alpha", 8))
         scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
         if module.endswith(".base_layer.out_proj"):
@@ -202,23 +210,38 @@ def from_peft(config_bytes: bytes, weights_bytes: bytes, backbone: Backbone) -> 
         per_site[sites[module]] = (specs, a, b * scale, parts.get("magnitude"))
     if not per_site:
         raise PeftConversionError("the PEFT adapter holds no LoRA weights")
-    rank = max(a.shape[0] for _, a, _, _ in per_site.values())
-    blocks = {}
+    parts = {}  # block id -> (A, B, magnitude) with only the rank components its B rows use
     for specs, a, b, mag in per_site.values():
-        a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-        b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
         offset = specs[0].out_start
         for spec in specs:
             rows = slice(spec.out_start - offset, spec.out_start - offset + spec.d_out)
-            blocks[spec.block_id] = BlockWeights(a.clone(), b[rows].clone(), None if mag is None else mag[rows].clone())
-    order = list(backbone.blocks)
-    blocks = dict(sorted(blocks.items(), key=lambda kv: order.index(kv[0])))
-    head_classes = None if head is None else [str(i) for i in range(head["weight"].shape[0])]
+            used = b[rows].any(dim=0)
+            if dora or used.any():  # a LoRA block with B = 0 changes nothing; DoRA's magnitude still does
+                parts[spec.block_id] = (a[used], b[rows][:, used], None if mag is None else mag[rows])
+    rank = max([1] + [a.shape[0] for a, _, _ in parts.values()])
+    blocks = {}
+    for block_id in backbone.blocks:
+        if block_id in parts:
+            a, b, mag = parts[block_id]
+            a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
+            blocks[block_id] = BlockWeights(a.contiguous(), b.contiguous(), None if mag is None else mag.clone())
     return SparseAdapter(
         backbone.model_id, backbone.fingerprint, "dora" if dora else "lora", rank, float(rank), blocks,
-        {"gated": False, "source": "peft"}, head_classes,
-        None if head is None else head["weight"], None if head is None else head["bias"],
+        {"gated": False, "source": "peft"}, *_head(head, backbone),
     )
+
+
+def _head(head: dict | None, backbone: Backbone) -> tuple:
+    """(class names, weight, bias) of a timm head from ``modules_to_save``, or Nones."""
+    if head is None:
+        return None, None, None
+    weight, bias = head.get("weight"), head.get("bias")
+    if weight is None or bias is None or weight.dim() != 2 or weight.shape[1] != backbone.embed_dim \
+            or tuple(bias.shape) != (weight.shape[0],):
+        shapes = {k: list(v.shape) for k, v in head.items()}
+        raise PeftConversionError(f"head {shapes} is not a linear classifier over the {backbone.embed_dim}-wide embedding")
+    return [str(i) for i in range(weight.shape[0])], weight, bias
 
 
 def to_selora_files(adapter: SparseAdapter) -> tuple[bytes, bytes]:

@@ -160,6 +160,9 @@ def test_selora_to_peft_is_exact(request, tmp_path, name, variant, active):
         torch.testing.assert_close(reference(bb, model, modality), served(bb, adapter, modality), atol=1e-5, rtol=1e-5)
     back = from_peft((tmp_path / CONFIG_NAME).read_bytes(), (tmp_path / WEIGHTS_NAME).read_bytes(), bb)
     torch.testing.assert_close(served(bb, back), served(bb, adapter), atol=1e-5, rtol=1e-5)
+    assert back.r == adapter.r and set(back.blocks) >= set(adapter.blocks)
+    if variant == "lora":  # the zero slices export adds come back as nothing
+        assert set(back.blocks) == set(adapter.blocks)
 
 
 @pytest.mark.parametrize("name,variant", [("tiny_vit", "dora"), ("tiny_clip", "lora")])
@@ -220,6 +223,11 @@ def test_unrepresentable_peft_adapters_are_refused(tiny_vit, tmp_path):
         "is not a block of this base": (cfg, {k.replace("attn.qkv", "patch_embed.proj"): v for k, v in tensors.items()}),
         "do not fit": (cfg, {k: v[:, :10].contiguous() if "lora_A" in k else v for k, v in tensors.items()}),
         "'magnitude']": ({**cfg, "use_dora": True}, tensors),
+        "has rank 2, its config says 5": ({**cfg, "r": 5}, tensors),
+        "disagree on a classification head": ({**cfg, "modules_to_save": ["head"]}, tensors),
+        "not a linear classifier": ({**cfg, "modules_to_save": ["head"]},
+                                    {**tensors, "base_model.model.head.weight": torch.zeros(3, 10),
+                                     "base_model.model.head.bias": torch.zeros(3)}),
     }
     for phrase, (c, t) in refusals.items():
         with pytest.raises(PeftConversionError) as info:
@@ -266,3 +274,66 @@ def test_peft_mha_applies_its_out_proj_delta_twice(tiny_clip, tmp_path):
         x = torch.randn(5, 2, 64, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(attn(x, x, x, need_weights=False)[0], plain(x, x, x, need_weights=False)[0],
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_peft_upload_through_the_app(tiny_vit, tmp_path):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from tests.helpers import image_b64, make_app
+
+    bb = tiny_vit
+    model, cfg_bytes, w_bytes = peft_adapter(bb, tmp_path / "peft", r=3, lora_alpha=6, target_modules=["qkv", "fc2"],
+                                             use_dora=True, rank_pattern={"fc2": 2})
+    root = tmp_path / "adapters"
+    root.mkdir()
+    image = image_b64(4)
+    with TestClient(make_app(bb, root)) as client:
+        up = client.post("/v1/adapters", data={"name": "from-peft"}, files={"config": cfg_bytes, "weights": w_bytes})
+        assert up.status_code == 200, up.text
+        info = up.json()
+        assert info["variant"] == "dora" and info["r"] == 3 and info["num_active"] == 8  # q, k, v, fc2 of 2 layers
+        bad = client.post("/v1/adapters", data={"name": "bad"},
+                          files={"config": cfg_bytes.replace(b'"LORA"', b'"IA3"'), "weights": w_bytes})
+        assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_adapter"
+        assert "IA3" in bad.json()["error"]["message"]
+        assert [a["name"] for a in client.get("/v1/adapters").json()["data"]] == ["from-peft"]
+        out = client.post("/v1/embeddings", json={"model": "from-peft", "input": [image], "normalize": False})
+        assert out.status_code == 200, out.text
+        served_embedding = torch.tensor(out.json()["data"][0]["embedding"])
+    pixels = bb.preprocess(Image.open(io.BytesIO(base64.b64decode(image.split(",", 1)[1]))).convert("RGB"))
+    with torch.no_grad():
+        torch.testing.assert_close(served_embedding, model(pixels[None])[0], atol=1e-5, rtol=1e-5)
+    stored = json.loads((root / "from-peft" / CONFIG_NAME).read_bytes())
+    assert stored["format"] == "selora-adapter" and stored["base_fingerprint"] == bb.fingerprint
+
+
+def test_convert_command(tiny_clip, tmp_path, capsys):
+    from selora.adapters import save_adapter
+    from selora.cli import main
+
+    bb = tiny_clip
+    save_file(plain_state_dict(bb), tmp_path / "base.safetensors")
+    active = ["vision.0.q", "vision.0.v", "vision.1.out", "text.1.fc1", "text.0.k"]
+    adapter = export_adapter(make_adapter(bb, "lora", r=2, active=active, seed=9), bb.model_id, bb.fingerprint)
+    save_adapter(adapter, tmp_path / "sel")
+    base = ["--model", "tiny-clip", "--weights", str(tmp_path / "base.safetensors")]
+    assert main(["convert", str(tmp_path / "sel"), str(tmp_path / "peft"), "--to", "peft", *base]) == 0
+    assert main(["convert", str(tmp_path / "peft"), str(tmp_path / "back"), "--to", "selora", *base,
+                 "--max-active-blocks", "2"]) == 0
+    assert main(["convert", str(tmp_path / "back"), str(tmp_path / "merged.safetensors"), "--to", "merged", *base]) == 0
+    report = capsys.readouterr().out.splitlines()
+    assert report[0].endswith("5/5 blocks kept, 100.00% of sum ||dW||^2, variant lora, r 2")
+    back = parse_adapter((tmp_path / "back" / CONFIG_NAME).read_bytes(), (tmp_path / "back" / WEIGHTS_NAME).read_bytes(), bb.blocks)
+    energy = block_energy(adapter, bb)
+    assert set(back.blocks) == set(sorted(energy, key=energy.get)[-2:])
+    share = sum(energy[b] for b in back.blocks) / sum(energy.values())
+    assert f"2/5 blocks kept, {100 * share:.2f}%" in report[1]
+    merged = plain_model(bb)
+    merged.load_state_dict(load_file(tmp_path / "merged.safetensors"), strict=True)
+    torch.testing.assert_close(reference(bb, merged), served(bb, back), atol=1e-5, rtol=1e-5)
+    assert main(["convert", str(tmp_path / "sel"), str(tmp_path / "x"), "--to", "merged", *base]) == 2
+    assert "must end with .safetensors" in capsys.readouterr().err
