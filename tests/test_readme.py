@@ -1,4 +1,4 @@
-"""The README's Python snippet and `selora inspect` command run as written (real DINOv2-S)."""
+"""The README's Python snippets and `selora inspect` / `selora convert` commands run as written (real DINOv2-S)."""
 
 import ast
 import os
@@ -27,3 +27,11 @@ def test_readme_method_snippet_runs(tmp_path):
     )
     assert inspect.returncode == 0, inspect.stderr
     assert "dinov2-small" in inspect.stdout and (tmp_path / "my-adapter" / "active_blocks.png").is_file()
+    for line in re.findall(r"\.venv/bin/(selora convert .*)", text):  # PEFT and merged exports of my-adapter
+        convert = subprocess.run([str(Path(sys.executable).parent / "selora"), *line.split()[1:]], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert convert.returncode == 0, convert.stderr
+    peft_snippet = re.findall(r"```python\n(.*?)```", text, re.S)[1]
+    loaded = subprocess.run([sys.executable, "-c", peft_snippet], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert float(loaded.stdout.strip().splitlines()[-1]) < 1e-4  # PEFT model and merged model agree

@@ -124,19 +124,19 @@ def _peft_config(config_bytes: bytes) -> dict:
     if not isinstance(cfg, dict):
         raise PeftConversionError(f"{CONFIG_NAME} must hold a JSON object")
     if cfg.get("peft_type") != "LORA":
-        raise PeftConversionError(f"PEFT adapter type {cfg.get('peft_type')!r} cannot be served: selora serves LORA (and DoRA)")
+        raise PeftConversionError(f"PEFT adapter type {_short(cfg.get('peft_type'))} cannot be served: selora serves LORA (and DoRA)")
     if cfg.get("bias", "none") != "none":
-        raise PeftConversionError(f"PEFT bias={cfg['bias']!r} trains biases; selora adapters hold no biases")
+        raise PeftConversionError(f"PEFT bias={_short(cfg['bias'])} trains biases; selora adapters hold no biases")
     for option in UNSUPPORTED_OPTIONS:
         if cfg.get(option):
-            raise PeftConversionError(f"PEFT option {option}={cfg[option]!r} is not supported by selora")
+            raise PeftConversionError(f"PEFT option {option}={_short(cfg[option])} is not supported by selora")
     for field in ("rank_pattern", "alpha_pattern"):
         patterns = cfg.get(field) or {}
         if not isinstance(patterns, dict):
             raise PeftConversionError(f"{field} must be an object")
         for key, value in patterns.items():
-            if not PATTERN_KEY.fullmatch(key):
-                raise PeftConversionError(f"{field} key {key[:80]!r} is not a module name (regex quantifiers are not accepted)")
+            if not PATTERN_KEY.fullmatch(key) or not _compiles(key):
+                raise PeftConversionError(f"{field} key {_short(key)} is not a module name (regex quantifiers are not accepted)")
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
                 raise PeftConversionError(f"{field}[{key!r}] must be a positive number")
     r = cfg.get("r", 8)
@@ -147,8 +147,21 @@ def _peft_config(config_bytes: bytes) -> dict:
         raise PeftConversionError(f"lora_alpha must be a positive number, got {alpha!r}")
     saved = cfg.get("modules_to_save") or []
     if not isinstance(saved, list) or any(m != HEAD for m in saved):
-        raise PeftConversionError(f"modules_to_save {saved!r}: selora takes only a timm classification head ('head')")
+        raise PeftConversionError(f"modules_to_save {_short(saved)}: selora takes only a timm classification head ('head')")
     return cfg
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
 
 
 def _split_key(key: str) -> tuple[str, str]:

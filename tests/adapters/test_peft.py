@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import open_clip
+import peft
 import pytest
 import timm
 import torch
@@ -26,8 +27,6 @@ from selora.adapters.peft import (
 )
 from selora.runtime.batch import forward_mixed, to_device
 from tests.helpers import make_adapter
-
-peft = pytest.importorskip("peft")
 
 TINY_VIT = json.loads(open("selora/models/configs/tiny-vit.json").read())
 
@@ -218,6 +217,7 @@ def test_unrepresentable_peft_adapters_are_refused(tiny_vit, tmp_path):
         "lora_bias=True is not supported": ({**cfg, "lora_bias": True}, tensors),
         "modules_to_save ['norm']": ({**cfg, "modules_to_save": ["norm"]}, tensors),
         "is not a module name": ({**cfg, "rank_pattern": {"(a+)+$": 2}}, tensors),
+        "'fc1(' is not a module name": ({**cfg, "alpha_pattern": {"fc1(": 2}}, tensors),
         "embedding layers": (cfg, {**tensors, "base_model.model.pos_embed.lora_embedding_A": torch.zeros(2, 3)}),
         "trained biases": (cfg, {**tensors, "base_model.model.blocks.0.attn.qkv.bias": torch.zeros(192)}),
         "is not a block of this base": (cfg, {k.replace("attn.qkv", "patch_embed.proj"): v for k, v in tensors.items()}),
