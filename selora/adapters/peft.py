@@ -351,13 +351,22 @@ def _stack(adapter: SparseAdapter, specs: list[BlockSpec], rank: int, backbone: 
     return a, b, mag
 
 
+def _check_head(adapter: SparseAdapter, backbone: Backbone, target: str) -> None:
+    """A head leaves selora only as a timm ``head`` over the raw embedding."""
+    if adapter.head_weight is None:
+        return
+    if backbone.library != "timm":
+        raise PeftConversionError(f"{target} has no place for a classification head on an open_clip model")
+    if adapter.head_input != "raw":
+        raise PeftConversionError(f"{target} has no place for a head over the normalised embedding (timm's head reads it raw)")
+
+
 def to_peft(adapter: SparseAdapter, backbone: Backbone) -> tuple[dict, dict[str, torch.Tensor]]:
     """The adapter as a PEFT ``LoraConfig`` dict and its ``adapter_model.safetensors`` tensors,
     loadable with ``peft.PeftModel.from_pretrained`` on the plain timm/open_clip model."""
     if backbone.fingerprint != adapter.base_fingerprint:
         raise PeftConversionError("the adapter is for another base model")
-    if adapter.head_weight is not None and backbone.library != "timm":
-        raise PeftConversionError("PEFT has no place for a classification head on an open_clip model")
+    _check_head(adapter, backbone, "PEFT")
     sites = peft_modules(backbone)
     table_sites = backbone.blocks.sites()
     modules: dict[str, list[BlockSpec]] = {}
@@ -434,8 +443,7 @@ def merged_state_dict(adapter: SparseAdapter, backbone: Backbone) -> dict[str, t
     """The base's own state dict with ``adapter`` merged (timm: with the head as ``head.*``)."""
     if backbone.fingerprint != adapter.base_fingerprint:
         raise PeftConversionError("the adapter is for another base model")
-    if adapter.head_weight is not None and backbone.library != "timm":
-        raise PeftConversionError("a merged open_clip model has no place for a classification head")
+    _check_head(adapter, backbone, "a merged model")
     state = plain_state_dict(backbone)
     for b in adapter.blocks:
         spec = backbone.blocks[b]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from selora.adapters import export_adapter
-from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, parse_adapter
+from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, head_logits, parse_adapter
 from selora.adapters.peft import (
     MHA_OUT_PROJ_FACTOR,
     PeftConversionError,
@@ -164,15 +164,35 @@ def test_selora_to_peft_is_exact(request, tmp_path, name, variant, active):
         assert set(back.blocks) == set(adapter.blocks)
 
 
-@pytest.mark.parametrize("name,variant", [("tiny_vit", "dora"), ("tiny_clip", "lora")])
-def test_merged_model_equals_served(request, name, variant):
+@pytest.mark.parametrize("name,variant,first", [("tiny_vit", "dora", 0), ("tiny_clip", "lora", 1)])
+def test_merged_model_equals_served(request, name, variant, first):
     bb = request.getfixturevalue(name)
-    blocks = list(bb.blocks)[::2]
+    blocks = list(bb.blocks)[first::2]
     adapter = export_adapter(make_adapter(bb, variant, r=4, active=blocks, seed=3), bb.model_id, bb.fingerprint)
     model = plain_model(bb)
     model.load_state_dict(merged_state_dict(adapter, bb), strict=True)
     for modality in ("image", "text") if bb.library == "open_clip" else ("image",):
         torch.testing.assert_close(reference(bb, model, modality), served(bb, adapter, modality), atol=1e-5, rtol=1e-5)
+
+
+def test_timm_head_goes_to_peft_and_merged(tiny_vit, tmp_path):
+    bb = tiny_vit
+    adapter = export_adapter(make_adapter(bb, "dora", r=2, active=["vision.1.v", "vision.0.fc2"], seed=4,
+                                          head_classes=["a", "b", "c"]), bb.model_id, bb.fingerprint)
+    logits = head_logits(adapter.head_weight, adapter.head_bias, served(bb, adapter), "raw")
+    config, tensors = to_peft(adapter, bb)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    base, merged = plain_model(bb), plain_model(bb)
+    base.reset_classifier(3)
+    merged.reset_classifier(3)
+    merged.load_state_dict(merged_state_dict(adapter, bb), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(base, tmp_path).eval()(images()), logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(images()), logits, atol=1e-5, rtol=1e-5)
+    adapter.head_input = "normalized"
+    with pytest.raises(PeftConversionError, match="normalised embedding"):
+        to_peft(adapter, bb)
 
 
 def test_prune_keeps_what_it_reports(tiny_vit):
