@@ -167,7 +167,7 @@ def _compiles(pattern: str) -> bool:
 def _split_key(key: str) -> tuple[str, str]:
     """``base_model.model.<module>.<part>`` -> (module, part); part is lora_A, lora_B, magnitude or head."""
     if not key.startswith(PREFIX):
-        raise PeftConversionError(f"tensor {key[:120]!r} does not start with {PREFIX!r}")
+        raise PeftConversionError(f"tensor {_short(key)} does not start with {PREFIX!r}")
     name = key[len(PREFIX):]
     for suffix, part in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"),
                          (".lora_magnitude_vector.weight", "magnitude"), (".lora_magnitude_vector", "magnitude")):
@@ -176,10 +176,10 @@ def _split_key(key: str) -> tuple[str, str]:
     if name in (f"{HEAD}.weight", f"{HEAD}.bias"):
         return HEAD, name.rpartition(".")[2]
     if "lora_embedding" in name:
-        raise PeftConversionError(f"tensor {key[:120]!r}: LoRA on embedding layers cannot be served")
+        raise PeftConversionError(f"tensor {_short(key)}: LoRA on embedding layers cannot be served")
     if name.endswith(".bias"):
-        raise PeftConversionError(f"tensor {key[:120]!r}: trained biases cannot be served")
-    raise PeftConversionError(f"tensor {key[:120]!r} is not a LoRA/DoRA weight selora can serve")
+        raise PeftConversionError(f"tensor {_short(key)}: trained biases cannot be served")
+    raise PeftConversionError(f"tensor {_short(key)} is not a LoRA/DoRA weight selora can serve")
 
 
 def from_peft(config_bytes: bytes, weights_bytes: bytes, backbone: Backbone) -> SparseAdapter:
@@ -200,22 +200,22 @@ def from_peft(config_bytes: bytes, weights_bytes: bytes, backbone: Backbone) -> 
     for module, parts in groups.items():
         if module not in sites:
             kinds = ", ".join(sorted({re.sub(r"^.*?\.\d+\.", "", m) for m in sites}))
-            raise PeftConversionError(f"PEFT module {module!r} is not a block of this base (adaptable: {kinds})")
+            raise PeftConversionError(f"PEFT module {_short(module)} is not a block of this base (adaptable: {kinds})")
         needed = ["lora_A", "lora_B"] + (["magnitude"] if dora else [])
         if sorted(parts) != sorted(needed):
-            raise PeftConversionError(f"PEFT module {module!r} holds {sorted(parts)}, expected {needed}")
+            raise PeftConversionError(f"PEFT module {_short(module)} holds {sorted(parts)}, expected {needed}")
         a, b = parts["lora_A"], parts["lora_B"]
-        r = a.shape[0]
         specs = backbone.blocks.sites()[sites[module]]
         d_out, d_in = sum(s.d_out for s in specs), specs[0].d_in
-        if a.dim() != 2 or a.shape[1] != d_in or tuple(b.shape) != (d_out, r) or r < 1:
-            raise PeftConversionError(f"PEFT module {module!r}: lora_A {list(a.shape)} / lora_B {list(b.shape)} "
+        r = a.shape[0] if a.dim() == 2 else 0
+        if r < 1 or a.shape[1] != d_in or tuple(b.shape) != (d_out, r):
+            raise PeftConversionError(f"PEFT module {_short(module)}: lora_A {list(a.shape)} / lora_B {list(b.shape)} "
                                       f"do not fit its base layer [{d_out}, {d_in}]")
         if dora and tuple(parts["magnitude"].shape) != (d_out,):
-            raise PeftConversionError(f"PEFT module {module!r}: magnitude {list(parts['magnitude'].shape)}, expected [{d_out}]")
+            raise PeftConversionError(f"PEFT module {_short(module)}: magnitude {list(parts['magnitude'].shape)}, expected [{d_out}]")
         configured = _pattern_value(cfg.get("rank_pattern") or {}, _pattern_module(module), cfg.get("r", 8))
         if configured != r:
-            raise PeftConversionError(f"PEFT module {module!r} has rank {r}, its config says {configured}")
+            raise PeftConversionError(f"PEFT module {_short(module)} has rank {r}, its config says {configured}")
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, _pattern_module(module), cfg.get("lora_alpha", 8))
         scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
         if module.endswith(".base_layer.out_proj"):

@@ -242,6 +242,7 @@ def test_unrepresentable_peft_adapters_are_refused(tiny_vit, tmp_path):
         "trained biases": (cfg, {**tensors, "base_model.model.blocks.0.attn.qkv.bias": torch.zeros(192)}),
         "is not a block of this base": (cfg, {k.replace("attn.qkv", "patch_embed.proj"): v for k, v in tensors.items()}),
         "do not fit": (cfg, {k: v[:, :10].contiguous() if "lora_A" in k else v for k, v in tensors.items()}),
+        "do not fit its base layer": (cfg, {k: torch.tensor(1.0) if "lora_A" in k else v for k, v in tensors.items()}),
         "'magnitude']": ({**cfg, "use_dora": True}, tensors),
         "has rank 2, its config says 5": ({**cfg, "r": 5}, tensors),
         "disagree on a classification head": ({**cfg, "modules_to_save": ["head"]}, tensors),
