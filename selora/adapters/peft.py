@@ -73,6 +73,7 @@ UNSUPPORTED_OPTIONS = (
 # in peft 0.21.2 and pinned by a test): the model a user trained computes W + 2·ΔW there.
 MHA_OUT_PROJ_FACTOR = 2
 PATTERN_KEY = re.compile(r"[\w.\\^$|()-]{1,300}")  # module names, escaped or anchored: no quantifiers
+MAX_PATTERN_KEYS = 1024  # per rank_pattern / alpha_pattern: each key is matched against every module
 
 
 class PeftConversionError(AdapterError):
@@ -83,7 +84,7 @@ def is_peft_config(config_bytes: bytes) -> bool:
     """PEFT's ``adapter_config.json`` names its ``peft_type``; selora's names its ``format``."""
     try:
         cfg = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
     return isinstance(cfg, dict) and "peft_type" in cfg and cfg.get("format") != FORMAT
 
@@ -119,8 +120,8 @@ def _pattern_value(patterns: dict, module: str, default):
 def _peft_config(config_bytes: bytes) -> dict:
     try:
         cfg = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PeftConversionError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise PeftConversionError(f"{CONFIG_NAME} is not valid JSON: {_short(str(e))}") from None
     if not isinstance(cfg, dict):
         raise PeftConversionError(f"{CONFIG_NAME} must hold a JSON object")
     if cfg.get("peft_type") != "LORA":
@@ -132,8 +133,8 @@ def _peft_config(config_bytes: bytes) -> dict:
             raise PeftConversionError(f"PEFT option {option}={_short(cfg[option])} is not supported by selora")
     for field in ("rank_pattern", "alpha_pattern"):
         patterns = cfg.get(field) or {}
-        if not isinstance(patterns, dict):
-            raise PeftConversionError(f"{field} must be an object")
+        if not isinstance(patterns, dict) or len(patterns) > MAX_PATTERN_KEYS:
+            raise PeftConversionError(f"{field} must be an object of at most {MAX_PATTERN_KEYS} module names")
         for key, value in patterns.items():
             if not PATTERN_KEY.fullmatch(key) or not _compiles(key):
                 raise PeftConversionError(f"{field} key {_short(key)} is not a module name (regex quantifiers are not accepted)")

@@ -225,7 +225,7 @@ def _peft_files(bb, tmp_path, **config):
 def _convert(bb, cfg, tensors):
     from safetensors.torch import save
 
-    return from_peft(json.dumps(cfg).encode(), save(tensors), bb)
+    return from_peft((cfg if isinstance(cfg, str) else json.dumps(cfg)).encode(), save(tensors), bb)
 
 
 def test_unrepresentable_peft_adapters_are_refused(tiny_vit, tmp_path):
@@ -238,6 +238,8 @@ def test_unrepresentable_peft_adapters_are_refused(tiny_vit, tmp_path):
         "modules_to_save ['norm']": ({**cfg, "modules_to_save": ["norm"]}, tensors),
         "is not a module name": ({**cfg, "rank_pattern": {"(a+)+$": 2}}, tensors),
         "'fc1(' is not a module name": ({**cfg, "alpha_pattern": {"fc1(": 2}}, tensors),
+        "at most 1024 module names": ({**cfg, "rank_pattern": {f"blocks.{i}.attn.qkv": 2 for i in range(1025)}}, tensors),
+        "not valid JSON": ("[" * 100_000, tensors),
         "embedding layers": (cfg, {**tensors, "base_model.model.pos_embed.lora_embedding_A": torch.zeros(2, 3)}),
         "trained biases": (cfg, {**tensors, "base_model.model.blocks.0.attn.qkv.bias": torch.zeros(192)}),
         "is not a block of this base": (cfg, {k.replace("attn.qkv", "patch_embed.proj"): v for k, v in tensors.items()}),
