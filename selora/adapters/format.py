@@ -271,11 +271,11 @@ def _parse_config(data: bytes) -> dict:
 
 
 def _parse_weights(data: bytes) -> dict[str, torch.Tensor]:
-    if data[:1] == b"\x80" or data[:2] == b"PK":
-        raise CorruptFileError(f"{WEIGHTS_NAME} looks like a pickle/zip checkpoint; only safetensors is read")
-    try:
+    try:  # safetensors never unpickles; its first 8 bytes (header length) may well start with 0x80 or "PK"
         tensors = load_safetensors(data)
     except Exception as e:  # safetensors raises its own error type for every malformed header
+        if data[:1] == b"\x80" or data[:2] == b"PK":
+            raise CorruptFileError(f"{WEIGHTS_NAME} looks like a pickle/zip checkpoint; only safetensors is read") from None
         raise CorruptFileError(f"{WEIGHTS_NAME} is not a valid safetensors file ({e})") from None
     for name, t in tensors.items():
         if t.dtype not in DTYPES:

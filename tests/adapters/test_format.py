@@ -128,3 +128,20 @@ def test_errors_are_distinct_types():
     types = {error for _, error, _ in BAD_FILES.values()}
     assert len(types) == 11
     assert all(issubclass(t, fmt.AdapterError) for t in types)
+
+
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"])
+def test_safetensors_whose_header_length_looks_like_pickle_or_zip_is_read(saved, tiny_vit, first_bytes):
+    """The first 8 bytes are the header length: 1 file in 256 starts with 0x80 by chance."""
+    from safetensors.torch import save
+
+    tensors = load_file(saved / fmt.WEIGHTS_NAME)
+    step = 256 if first_bytes == b"\x80" else 65536  # the header length's low byte(s) must spell first_bytes
+    target = int.from_bytes(first_bytes, "little")
+    unpadded = save(tensors, metadata={"pad": ""})
+    json_len = len(unpadded[8 : 8 + int.from_bytes(unpadded[:8], "little")].rstrip())
+    length = next(t for t in range(target, 1 << 20, step) if t >= json_len)  # a multiple of 8, as safetensors pads
+    data = save(tensors, metadata={"pad": "x" * (length - json_len)})
+    assert data.startswith(first_bytes)
+    (saved / fmt.WEIGHTS_NAME).write_bytes(data)
+    assert set(load_adapter(saved, tiny_vit.blocks).blocks)
