@@ -16,8 +16,9 @@ rank and a scale per module (``rank_pattern``, ``alpha_pattern``, ``use_rslora``
 ``R`` = the largest module rank and ``lora_alpha = R`` (scale 1): each module's ``A`` gets zero
 rows up to ``R``, its ``B`` zero columns, and its own scale (``alpha/r``, or ``alpha/√r`` with
 rsLoRA) is folded into ``B``. A fused ``qkv`` LoRA becomes q, k and v blocks that share its ``A``
-and take their rows of ``B`` (and of the DoRA magnitude, which is per output row): exact, as
-zero rank components add nothing. Export stacks the blocks of one fused module instead: ``n``
+and take their rows of ``B`` (and of the DoRA magnitude, which is per output row); each block
+keeps only the rank components its rows of ``B`` use, and a LoRA block whose rows of ``B`` are
+all zero (no update at all) is left out: exact, as zero rank components add nothing. Export stacks the blocks of one fused module instead: ``n``
 blocks give ``A = [A_q; A_k; …]`` ``[n·R, d_in]`` and a block-diagonal ``B``, rank ``n·R`` and
 alpha ``n·lora_alpha`` in ``rank_pattern``/``alpha_pattern`` (same scale ``lora_alpha/R``);
 rows of a q/k/v slice without a block get ``B = 0`` and, for DoRA, the base rows' own norm as
