@@ -61,15 +61,19 @@ def reference(bb, model, modality="image"):
     return base.encode_text(bb.tokenize(["a photo of a cat", "a dog", "two birds on a wire"]))
 
 
-def peft_adapter(bb, tmp_path, seed=0, **config):
-    """A PEFT model with random nonzero LoRA/DoRA weights, saved with ``save_pretrained``."""
-    model = peft.get_peft_model(plain_model(bb), peft.LoraConfig(**config))
+def peft_adapter(bb, tmp_path, seed=0, num_classes=None, **config):
+    """A PEFT model with random nonzero LoRA/DoRA weights (and head), saved with ``save_pretrained``."""
+    model = plain_model(bb)
+    if num_classes is not None:  # a timm classifier: its own head, trained through modules_to_save
+        model.reset_classifier(num_classes)
+    model = peft.get_peft_model(model, peft.LoraConfig(**config))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "magnitude" not in name else 1) +
-                        (p if "magnitude" in name else 0))
+            if "magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     model.eval()
     model.save_pretrained(tmp_path)
     return model, (tmp_path / CONFIG_NAME).read_bytes(), (tmp_path / WEIGHTS_NAME).read_bytes()
@@ -80,39 +84,26 @@ VIT_CASES = {
                              rank_pattern={"fc2": 2}, alpha_pattern={"qkv": 3}),
     "dora": dict(r=3, lora_alpha=5, target_modules=["qkv", "attn.proj", "fc1"], use_dora=True,
                  rank_pattern={"attn.proj": 6}),
-    "rslora-head": dict(r=4, lora_alpha=4, target_modules=["fc1", "qkv"], use_rslora=True, modules_to_save=["head"]),
+    "rslora-head": dict(r=4, lora_alpha=4, target_modules=["fc1", "qkv"], use_rslora=True, modules_to_save=["head"],
+                        num_classes=5),
 }
 
 
 @pytest.mark.parametrize("case", VIT_CASES)
 def test_timm_peft_to_selora_is_exact(tiny_vit, tmp_path, case):
-    config = VIT_CASES[case]
     bb = tiny_vit
-    model = plain_model(bb)
-    if "modules_to_save" in config:  # a classifier: timm's own head
-        model.reset_classifier(5)
-        model = peft.get_peft_model(model, peft.LoraConfig(**config))
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name or "modules_to_save" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-        model.eval().save_pretrained(tmp_path)
-        cfg_bytes, w_bytes = (tmp_path / CONFIG_NAME).read_bytes(), (tmp_path / WEIGHTS_NAME).read_bytes()
-    else:
-        model, cfg_bytes, w_bytes = peft_adapter(bb, tmp_path, **config)
+    model, cfg_bytes, w_bytes = peft_adapter(bb, tmp_path, **VIT_CASES[case])
     adapter = parse_adapter(*to_selora_files(from_peft(cfg_bytes, w_bytes, bb)), bb.blocks)
     with torch.no_grad():
         if adapter.head_weight is not None:
-            expected_logits = model(images())
-            feats = model.base_model.model.forward_head(model.base_model.model.forward_features(images()), pre_logits=True)
-            torch.testing.assert_close(served(bb, adapter), feats, atol=1e-5, rtol=1e-5)
-            logits = served(bb, adapter) @ adapter.head_weight.t() + adapter.head_bias
-            torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+            inner = model.base_model.model
+            features = inner.forward_head(inner.forward_features(images()), pre_logits=True)
+            torch.testing.assert_close(served(bb, adapter), features, atol=1e-5, rtol=1e-5)
+            logits = head_logits(adapter.head_weight, adapter.head_bias, served(bb, adapter), adapter.head_input)
+            torch.testing.assert_close(logits, model(images()), atol=1e-5, rtol=1e-5)
         else:
             torch.testing.assert_close(served(bb, adapter), reference(bb, model), atol=1e-5, rtol=1e-5)
-    adapted = {k.split(".")[-1] for k in adapter.blocks}
-    assert adapted and not torch.allclose(served(bb, adapter), reference(bb, plain_model(bb)), atol=1e-4)
+    assert adapter.blocks and not torch.allclose(served(bb, adapter), reference(bb, plain_model(bb)), atol=1e-4)
     if case == "lora-mixed-ranks":
         assert set(adapter.blocks) == {"vision.1.q", "vision.1.k", "vision.1.v", "vision.1.fc2"}
         assert adapter.r == 4
