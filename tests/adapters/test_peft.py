@@ -321,8 +321,9 @@ def test_peft_upload_through_the_app(tiny_vit, tmp_path):
     pixels = bb.preprocess(Image.open(io.BytesIO(base64.b64decode(image.split(",", 1)[1]))).convert("RGB"))
     with torch.no_grad():
         torch.testing.assert_close(served_embedding, model(pixels[None])[0], atol=1e-5, rtol=1e-5)
-    stored = json.loads((root / "from-peft" / CONFIG_NAME).read_bytes())
-    assert stored["format"] == "selora-adapter" and stored["base_fingerprint"] == bb.fingerprint
+    with TestClient(make_app(bb, root)) as client:  # a restart reads the store: it holds the converted selora files
+        again = client.post("/v1/embeddings", json={"model": "from-peft", "input": [image], "normalize": False})
+        assert torch.equal(torch.tensor(again.json()["data"][0]["embedding"]), served_embedding)
 
 
 def test_convert_command(tiny_clip, tmp_path, capsys):
