@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 PAGE_RANK = 16  # rows per slot page: the smallest tl.dot dimension, so one page is one BLOCK_R chunk
@@ -63,6 +64,7 @@ class SiteBuffers:
     dora_factor: torch.Tensor  # [pages, out_size]: a DoRA block's factor on its first page, else ones
     scales: torch.Tensor  # fp32 [pages]: a block's lora_alpha / r on its first page
     host_scales: list[float]  # the same on the host (the torch reference reads these: no device sync)
+    _views: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def empty(cls, pages: int, d_in: int, out_size: int, dtype: torch.dtype, device) -> "SiteBuffers":
@@ -78,6 +80,16 @@ class SiteBuffers:
     @property
     def out_size(self) -> int:
         return self.dora_factor.shape[1]
+
+    def block_views(self, rank_start: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Aᵀ, Bᵀ)`` of the block at these rows: views into the buffers (never copies), cached,
+        so the torch reference slices nothing per entry. A view of the same rows stays right
+        when another block is written there later."""
+        key = (rank_start, rank)
+        if key not in self._views:
+            rows = slice(rank_start, rank_start + rank)
+            self._views[key] = (self.lora_a[rows].t(), self.lora_bt[rows])
+        return self._views[key]
 
     def page_nbytes(self) -> int:
         return (PAGE_RANK * (self.lora_a.shape[1] + self.out_size) + self.out_size) * self.lora_a.element_size() + 4
@@ -142,26 +154,26 @@ class LayerBatch:
                           r[c["page"]], scales[r[c["page"]]], bool(r[c["dora"]])) for r in self.host.tolist()]
 
 
-def segment_offsets(rows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+def segment_offsets(rows: np.ndarray, first: np.ndarray) -> np.ndarray:
     """Each row's ``item_rank_offset``: exclusive running sum of items × rank within its segment
     (``first[i]``: the index of the first row of row i's segment, e.g. its site's)."""
     sizes = (rows[:, COLUMN["item_end"]] - rows[:, COLUMN["item_start"]]) * rows[:, COLUMN["rank"]]
-    before = torch.cumsum(sizes, 0) - sizes
+    before = np.cumsum(sizes) - sizes
     return before - before[first]
 
 
 def layer_batch(buffers: SiteBuffers, host: torch.Tensor, meta: torch.Tensor | None = None) -> LayerBatch:
     """A ``LayerBatch`` from one site's rows (offsets filled here); ``meta``: their device copy
     if the caller has one, else it is made here."""
-    host = host.to(torch.int32).clone()
-    host[:, COLUMN["item_rank_offset"]] = segment_offsets(host, torch.zeros(len(host), dtype=torch.long)).to(torch.int32)
-    c = COLUMN
-    items = host[:, c["item_end"]] - host[:, c["item_start"]]
+    rows = host.numpy().astype(np.int32)
+    rows[:, COLUMN["item_rank_offset"]] = segment_offsets(rows, np.zeros(len(rows), dtype=np.int64))
+    c, host = COLUMN, torch.from_numpy(rows)
+    items = rows[:, c["item_end"]] - rows[:, c["item_start"]]
     return LayerBatch(
         buffers, host.to(buffers.lora_a.device) if meta is None else meta, host,
-        items_end=int(host[:, c["item_end"]].max()), cols_end=int(host[:, c["out_start"]].max()) + buffers.out_size,
-        max_block_rank=int(host[:, c["block_rank"]].max()), max_entry_items=int(items.max()),
-        shrink_size=int((items * host[:, c["rank"]]).sum()), has_dora=bool(host[:, c["dora"]].any()),
+        items_end=int(rows[:, c["item_end"]].max()), cols_end=int(rows[:, c["out_start"]].max()) + buffers.out_size,
+        max_block_rank=int(rows[:, c["block_rank"]].max()), max_entry_items=int(items.max()),
+        shrink_size=int((items * rows[:, c["rank"]]).sum()), has_dora=bool(rows[:, c["dora"]].any()),
     )
 
 

@@ -31,15 +31,16 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0] // x.shape[0]
     buffers, out_size = layer.buffers, layer.out_size
+    items, xs, ys_rows = None, None, None
     for e in layer.entries:
-        rows = slice(e.item_start * tokens, e.item_end * tokens)
-        cols = slice(e.out_start, e.out_start + out_size)
-        ranks = slice(e.rank_start, e.rank_start + e.rank)
-        shrunk = x2[rows] @ buffers.lora_a[ranks].t()  # [rows, r]
-        ys = y2[rows, cols]
+        if (e.item_start, e.item_end) != items:  # an adapter's entries are adjacent: slice its rows once
+            items = (e.item_start, e.item_end)
+            xs, ys_rows = x2[e.item_start * tokens : e.item_end * tokens], y2[e.item_start * tokens : e.item_end * tokens]
+        a_t, bt = buffers.block_views(e.rank_start, e.rank)
+        ys = ys_rows[:, e.out_start : e.out_start + out_size]
         if e.dora:  # f ⊙ (x·W0ᵀ + t) + b, in place: take the fused bias out, expand, scale, put it back
-            b = 0 if bias is None else bias[cols]
-            ys.sub_(b).addmm_(shrunk, buffers.lora_bt[ranks], alpha=e.scale).mul_(buffers.dora_factor[e.page]).add_(b)
+            b = 0 if bias is None else bias[e.out_start : e.out_start + out_size]
+            ys.sub_(b).addmm_(xs @ a_t, bt, alpha=e.scale).mul_(buffers.dora_factor[e.page]).add_(b)
         else:
-            ys.addmm_(shrunk, buffers.lora_bt[ranks], alpha=e.scale)
+            ys.addmm_(xs @ a_t, bt, alpha=e.scale)
     return y

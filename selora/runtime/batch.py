@@ -2,8 +2,8 @@
 
 ``plan_rows`` groups a batch's rows by adapter; ``build_batch`` turns the groups into slot
 indices, once per batch: the resident adapters' metadata rows (``DeviceAdapter.rows``) with
-each group's item range filled in, sorted by site, offsets computed — a few tensor operations
-whatever the number of adapters and blocks — and copied to the device in one copy, into the
+each group's item range filled in, sorted by site, offsets computed — a fixed number of NumPy
+operations whatever the number of adapters and blocks — and copied to the device in one copy, into the
 slots' preallocated metadata buffer. Each layer gets a view of it plus host-side summaries.
 No adapter weight is copied, concatenated or allocated per batch. ``forward_mixed`` is the
 mixed-batch forward: the semantic reference of the server.
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from selora.adapters.inject import inject
@@ -54,7 +55,10 @@ class StaleAdapterError(RuntimeError):
 
 
 def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int, int, int]], config: KernelConfig) -> ModelBatch:
-    """The batch's metadata, valid until the next batch is built on the same slots."""
+    """The batch's metadata, valid until the next batch is built on the same slots.
+
+    Host work is a fixed number of NumPy operations on arrays of one row per (adapter present,
+    active block), plus one small object per site that has work: no loop over blocks."""
     present = [(adapters[i], start, end) for i, start, end in groups if i >= 0 and adapters[i] is not None]
     present = [(d, s, e) for d, s, e in present if d.num_blocks]
     if not present:
@@ -65,44 +69,36 @@ def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int
             raise StaleAdapterError("a batch may only use adapters resident in one set of device slots")
     if len({id(d) for d, _, _ in present}) != len(present):
         raise ValueError("each adapter may appear in one row group of a batch (plan_rows groups them)")
-    counts = torch.tensor([d.num_blocks for d, _, _ in present])
-    rows = torch.cat([d.rows for d, _, _ in present])
-    rows[:, COLUMN["item_start"]] = torch.tensor([s for _, s, _ in present], dtype=torch.int32).repeat_interleave(counts)
-    rows[:, COLUMN["item_end"]] = torch.tensor([e for _, _, e in present], dtype=torch.int32).repeat_interleave(counts)
-    rows = rows[torch.sort(rows[:, SITE_COLUMN], stable=True).indices]
-    site = rows[:, SITE_COLUMN].long()
-    per_site = torch.bincount(site, minlength=len(slots.site_names))
-    ends = torch.cumsum(per_site, 0)
+    c = COLUMN
+    counts = [d.num_blocks for d, _, _ in present]
+    rows = np.concatenate([d.rows for d, _, _ in present])
+    rows[:, c["item_start"]] = np.repeat([s for _, s, _ in present], counts)
+    rows[:, c["item_end"]] = np.repeat([e for _, _, e in present], counts)
+    rows = rows[np.argsort(rows[:, SITE_COLUMN], kind="stable")]
+    site = rows[:, SITE_COLUMN]
+    per_site = np.bincount(site, minlength=len(slots.site_names))
+    ends = np.cumsum(per_site)
     begins = ends - per_site
-    rows[:, COLUMN["item_rank_offset"]] = segment_offsets(rows, begins[site]).to(torch.int32)
-    host = rows[:, :META_STRIDE]
+    rows[:, c["item_rank_offset"]] = segment_offsets(rows, begins[site])
+    host = torch.from_numpy(np.ascontiguousarray(rows[:, :META_STRIDE]))
     meta = slots.meta[: len(host)]
     meta.copy_(host)  # the batch's one host-to-device copy
-    summaries = _site_summaries(host, site, len(slots.site_names))
+    sites = np.flatnonzero(per_site)
+    starts = begins[sites]
+    items = rows[:, c["item_end"]] - rows[:, c["item_start"]]
+    summaries = zip(
+        sites.tolist(), starts.tolist(), ends[sites].tolist(),
+        *(np.maximum.reduceat(v, starts).tolist() for v in (rows[:, c["item_end"]], rows[:, c["out_start"]],
+                                                            rows[:, c["block_rank"]], items, rows[:, c["dora"]])),
+        np.add.reduceat(items * rows[:, c["rank"]], starts).tolist(),
+    )
     layers = {}
-    for i, (b, e) in enumerate(zip(begins.tolist(), ends.tolist())):
-        if b == e:
-            continue
+    for i, b, e, items_end, out_end, block_rank, entry_items, dora, shrink in summaries:
         name = slots.site_names[i]
-        items_end, out_end, block_rank, entry_items, shrink, dora = (s[i] for s in summaries)
         buffers = slots.buffers[name]
         layers[name] = LayerBatch(buffers, meta[b:e], host[b:e], items_end, out_end + buffers.out_size, block_rank,
                                   entry_items, shrink, bool(dora))
     return ModelBatch(config, layers)
-
-
-def _site_summaries(host: torch.Tensor, site: torch.Tensor, n_sites: int) -> list[list[int]]:
-    """Per site: largest item_end, out_start, block rank, entry items; Σ items × rank; any DoRA."""
-    c = COLUMN
-    items = host[:, c["item_end"]] - host[:, c["item_start"]]
-
-    def per_site(values: torch.Tensor, reduce: str) -> list[int]:
-        out = torch.zeros(n_sites, dtype=values.dtype)
-        return out.scatter_reduce_(0, site, values, reduce, include_self=False).tolist()
-
-    return [per_site(host[:, c["item_end"]], "amax"), per_site(host[:, c["out_start"]], "amax"),
-            per_site(host[:, c["block_rank"]], "amax"), per_site(items, "amax"),
-            per_site(items * host[:, c["rank"]], "sum"), per_site(host[:, c["dora"]], "amax")]
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from selora.adapters.format import SparseAdapter
@@ -38,7 +39,7 @@ class DeviceAdapter:
     """A resident adapter: the pages it holds and its metadata rows (item ranges still 0)."""
 
     slots: "DeviceSlots"
-    rows: torch.Tensor  # int32 [active blocks, META_STRIDE + 1], host; the last column is the site index
+    rows: np.ndarray  # int32 [active blocks, META_STRIDE + 1], host; the last column is the site index
     pages: dict[str, list[tuple[int, int]]]  # site -> (first page, pages) per block
     variant: str
     r: int
@@ -141,7 +142,7 @@ class DeviceSlots:
         if adapter.head_weight is not None:
             head = (adapter.head_weight.to(self.device, self.dtype), adapter.head_bias.to(self.device, self.dtype))
             nbytes += sum(t.numel() * t.element_size() for t in head)
-        table = torch.tensor(rows, dtype=torch.int32).view(-1, META_STRIDE + 1)
+        table = np.array(rows, dtype=np.int32).reshape(-1, META_STRIDE + 1)
         return DeviceAdapter(self, table, pages, adapter.variant, adapter.r, nbytes, head, adapter.head_classes, adapter.head_input)
 
     def load(self, adapter: SparseAdapter) -> DeviceAdapter:
