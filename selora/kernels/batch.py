@@ -129,8 +129,9 @@ class LayerBatch:
     """One site's work in one batch: its slot buffers and its rows of the batch's metadata."""
 
     buffers: SiteBuffers
-    meta: torch.Tensor  # int32 [E, META_STRIDE] on the buffers' device
-    host: torch.Tensor  # the same rows on the CPU
+    batch_meta: torch.Tensor  # int32 [.., META_STRIDE] on the buffers' device: the whole batch's rows
+    begin: int  # this site's first row in batch_meta
+    host: np.ndarray  # int32 [E, META_STRIDE]: this site's rows on the host
     items_end: int  # largest item_end: the batch must have at least this many items
     cols_end: int  # largest out_start + out_size: W0 must have at least this many rows
     max_block_rank: int  # decides fused or split shrink
@@ -141,6 +142,11 @@ class LayerBatch:
     @property
     def num_entries(self) -> int:
         return self.host.shape[0]
+
+    @functools.cached_property
+    def meta(self) -> torch.Tensor:
+        """This site's rows on the device (a view: sliced when a launch needs it, not per batch)."""
+        return self.batch_meta[self.begin : self.begin + self.num_entries]
 
     @property
     def out_size(self) -> int:
@@ -162,15 +168,15 @@ def segment_offsets(rows: np.ndarray, first: np.ndarray) -> np.ndarray:
     return before - before[first]
 
 
-def layer_batch(buffers: SiteBuffers, host: torch.Tensor, meta: torch.Tensor | None = None) -> LayerBatch:
+def layer_batch(buffers: SiteBuffers, host: np.ndarray, meta: torch.Tensor | None = None) -> LayerBatch:
     """A ``LayerBatch`` from one site's rows (offsets filled here); ``meta``: their device copy
     if the caller has one, else it is made here."""
-    rows = host.numpy().astype(np.int32)
+    rows = np.array(host, dtype=np.int32)
     rows[:, COLUMN["item_rank_offset"]] = segment_offsets(rows, np.zeros(len(rows), dtype=np.int64))
-    c, host = COLUMN, torch.from_numpy(rows)
+    c = COLUMN
     items = rows[:, c["item_end"]] - rows[:, c["item_start"]]
     return LayerBatch(
-        buffers, host.to(buffers.lora_a.device) if meta is None else meta, host,
+        buffers, torch.from_numpy(rows).to(buffers.lora_a.device) if meta is None else meta, 0, rows,
         items_end=int(rows[:, c["item_end"]].max()), cols_end=int(rows[:, c["out_start"]].max()) + buffers.out_size,
         max_block_rank=int(rows[:, c["block_rank"]].max()), max_entry_items=int(items.max()),
         shrink_size=int((items * rows[:, c["rank"]]).sum()), has_dora=bool(rows[:, c["dora"]].any()),
@@ -196,4 +202,4 @@ def pack_layer(work: list[tuple[int, int, DeviceBlock]], gap: int = 1) -> LayerB
         page -= blk.pages + gap
         buffers.write(page, blk)
         rows.append([start, end] + buffers.entry_row(page, blk, blk.rank)[2:])
-    return layer_batch(buffers, torch.tensor(rows, dtype=torch.int32))
+    return layer_batch(buffers, np.array(rows, dtype=np.int32))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -96,7 +97,7 @@ def lora_linear_op(
     split_shrink_rank: int,
 ) -> torch.Tensor:
     """The fused op on tensors only (what ``torch.compile`` and ``FlopCounterMode`` see)."""
-    host = torch.tensor(host_meta, dtype=torch.int32).view(-1, META_STRIDE)
+    host = np.array(host_meta, dtype=np.int32).reshape(-1, META_STRIDE)
     pages = [0.0] * scales.shape[0]  # the host scales of the pages these entries read
     for page, scale in zip(host[:, COLUMN["page"]].tolist(), host_scales):
         pages[page] = scale
@@ -128,6 +129,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return _run(x, weight, bias, layer, config)
     b = layer.buffers
     return torch.ops.selora.lora_linear(
-        x, weight, bias, b.lora_a, b.lora_bt, b.dora_factor, b.scales, layer.meta, layer.host.flatten().tolist(),
+        x, weight, bias, b.lora_a, b.lora_bt, b.dora_factor, b.scales, layer.meta, layer.host.ravel().tolist(),
         [e.scale for e in layer.entries], config.backend, config.base_gemm, config.split_shrink_rank,
     )

@@ -262,11 +262,17 @@ def _kernels(device_name: str):
     return fused, autotuned, JITFunction(_lora_shrink_kernel)
 
 
+def row_bucket(rows: int) -> int:
+    """The autotuning key's row bucket: the next power of two (``triton.next_power_of_2``, in plain
+    Python: this runs once per layer call)."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
 def tune_key(launch: "Launch") -> str:
     """The autotuning key of a fused launch, as the ``tuned`` table of a tuning file spells it."""
     x2, M, N, K, out_size = launch.args[0], *launch.args[10:14]
     f = launch.flags
-    return (f"{DTYPE_NAMES[x2.dtype]} M<={triton.next_power_of_2(M)} N={N} K={K} out={out_size} "
+    return (f"{DTYPE_NAMES[x2.dtype]} M<={row_bucket(M)} N={N} K={K} out={out_size} "
             f"split={int(f['SPLIT_SHRINK'])} dora={int(f['HAS_DORA'])} base={'library' if f['BASE_FROM_Y'] else 'fused'}")
 
 
@@ -320,7 +326,7 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer
                                                x2.stride(1), a.stride(0), a.stride(1)),
                                dict(META_STRIDE=META_STRIDE, DOT_PRECISION=precision)))
     args = (x2, weight, bias if bias is not None else y, y, a, bt, scales, layer.meta, factor, s,
-            M, d_out, d_in, layer.out_size, layer.num_entries, tokens, triton.next_power_of_2(M),
+            M, d_out, d_in, layer.out_size, layer.num_entries, tokens, row_bucket(M),
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
             a.stride(0), a.stride(1), bt.stride(0), bt.stride(1), factor.stride(0))
     launches.append(Launch("lora_linear", args, dict(

@@ -80,9 +80,9 @@ def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int
     ends = np.cumsum(per_site)
     begins = ends - per_site
     rows[:, c["item_rank_offset"]] = segment_offsets(rows, begins[site])
-    host = torch.from_numpy(np.ascontiguousarray(rows[:, :META_STRIDE]))
+    host = np.ascontiguousarray(rows[:, :META_STRIDE])
     meta = slots.meta[: len(host)]
-    meta.copy_(host)  # the batch's one host-to-device copy
+    meta.copy_(torch.from_numpy(host))  # the batch's one host-to-device copy
     sites = np.flatnonzero(per_site)
     starts = begins[sites]
     items = rows[:, c["item_end"]] - rows[:, c["item_start"]]
@@ -96,7 +96,7 @@ def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int
     for i, b, e, items_end, out_end, block_rank, entry_items, dora, shrink in summaries:
         name = slots.site_names[i]
         buffers = slots.buffers[name]
-        layers[name] = LayerBatch(buffers, meta[b:e], host[b:e], items_end, out_end + buffers.out_size, block_rank,
+        layers[name] = LayerBatch(buffers, meta, b, host[b:e], items_end, out_end + buffers.out_size, block_rank,
                                   entry_items, shrink, bool(dora))
     return ModelBatch(config, layers)
 

@@ -60,7 +60,7 @@ class LayerInputs:
         if self.layer is not None:
             b = self.layer.buffers
             buffers = SiteBuffers(cast(b.lora_a), cast(b.lora_bt), cast(b.dora_factor), b.scales.to(device), b.host_scales)
-            layer = dataclasses.replace(self.layer, buffers=buffers, meta=self.layer.meta.to(device))
+            layer = dataclasses.replace(self.layer, buffers=buffers, batch_meta=self.layer.batch_meta.to(device))
         return LayerInputs(cast(self.x), cast(self.weight), cast(self.bias), layer)
 
 

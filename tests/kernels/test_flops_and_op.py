@@ -37,7 +37,7 @@ def test_flops_of_inactive_blocks_and_base_rows_are_zero():
     more_base_rows = torch.cat([torch.zeros_like(inputs.x[:3]), inputs.x])  # 3 more items, no adapter
     shifted = type(inputs)(more_base_rows, inputs.weight, inputs.bias, inputs.layer)
     # shifting entries by 3 items: their LoRA FLOPs stay, only the base GEMM grows
-    host = inputs.layer.host.clone()
+    host = inputs.layer.host.copy()
     host[:, [COLUMN["item_start"], COLUMN["item_end"]]] += 3
     shifted.layer = layer_batch(inputs.layer.buffers, host)
     lora_part = counted(inputs) - base
@@ -49,7 +49,7 @@ def test_custom_op_schema_and_fake_impl():
     inputs = build_case(CASES[1])
     layer, b = inputs.layer, inputs.layer.buffers
     args = (inputs.x, inputs.weight, inputs.bias, b.lora_a, b.lora_bt, b.dora_factor, b.scales, layer.meta,
-            layer.host.flatten().tolist(), [e.scale for e in layer.entries], "torch", "fused", 32)
+            layer.host.ravel().tolist(), [e.scale for e in layer.entries], "torch", "fused", 32)
     torch.library.opcheck(torch.ops.selora.lora_linear.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
