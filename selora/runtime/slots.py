@@ -100,6 +100,11 @@ class DeviceSlots:
                 return f"its blocks at {site} need {n} slot pages; the device holds {self.buffers[site].pages} there"
         return None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the slot buffers (allocated once, at construction)."""
+        return sum(b.pages * b.page_nbytes() for b in self.buffers.values())
+
     def free_pages(self) -> dict[str, int]:
         return {site: free.count(1) for site, free in self._free.items()}
 

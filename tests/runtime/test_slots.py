@@ -13,7 +13,7 @@ from selora.kernels.batch import SiteBuffers
 from selora.kernels.config import KernelConfig
 from selora.runtime.batch import StaleAdapterError, build_batch, forward_mixed, plan_rows
 from selora.runtime.slots import DeviceSlots, DeviceSlotsFullError
-from tests.helpers import make_adapter
+from tests.helpers import image_b64, make_adapter, make_app, run_with_client, write_adapter
 
 
 def sparse(bb, variant="lora", r=4, active=None, seed=0):
@@ -116,3 +116,24 @@ def test_an_adapter_that_does_not_fit_changes_nothing(tiny_vit):
         slots.load(big)
     assert slots.free_pages() == free  # vision.0.q's pages, taken first, were given back
     assert "need 4 slot pages" in slots.fits_empty(sparse(tiny_vit, r=64, active=["vision.0.fc1"]))
+
+
+def test_full_device_slots_answer_503_and_later_requests_are_served(tmp_path, tiny_vit):
+    import asyncio
+
+    write_adapter(tiny_vit, tmp_path, "a", active=["vision.0.q", "vision.0.k"], seed=1)
+    write_adapter(tiny_vit, tmp_path, "b", active=["vision.0.k", "vision.0.v"], seed=2)  # a and b need 4 of qkv's 3 pages
+    app = make_app(tiny_vit, tmp_path, device_budget=1, max_wait_ms=200.0)  # one page per block
+
+    def embed(client, model):
+        return client.post("/v1/embeddings", json={"model": model, "input": [image_b64(0)]})
+
+    async def scenario(client):
+        together = await asyncio.gather(embed(client, "a"), embed(client, "b"))  # one batch reads both
+        alone = [await embed(client, m) for m in ("a", "b", "a")]  # each batch evicts the other, unpinned
+        return together, alone
+
+    together, alone = run_with_client(app, scenario)
+    assert [r.status_code for r in together] == [503, 503]
+    assert together[0].json()["error"]["type"] == "device_slots_full" and together[0].headers["retry-after"] == "1"
+    assert [r.status_code for r in alone] == [200, 200, 200]
