@@ -40,3 +40,37 @@ def test_text_tower_with_kernel_equals_torch_path(tiny_clip):
     reference = forward_mixed(tiny_clip, tokens, [adapter], [0, -1, 0], modality="text", config=TORCH)
     fused = forward_mixed(tiny_clip, tokens, [adapter], [0, -1, 0], modality="text", config=TRITON)
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_the_layer_path_reads_no_environment(tiny_vit, monkeypatch):
+    """The kernel configuration comes resolved; no selora frame reads ``os.environ`` during a forward."""
+    import os
+    import sys
+
+    reads = []
+
+    class Watched(dict):
+        def _note(self, key):
+            frame = sys._getframe(2)
+            while frame is not None:
+                if f"{os.sep}selora{os.sep}" in frame.f_code.co_filename:
+                    reads.append((key, frame.f_code.co_filename, frame.f_lineno))
+                    break
+                frame = frame.f_back
+
+        def get(self, key, default=None):
+            self._note(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            self._note(key)
+            return super().__getitem__(key)
+
+    inject(tiny_vit)
+    [adapter] = resident(tiny_vit, export_adapter(make_adapter(tiny_vit, "dora", 20, list(tiny_vit.blocks)[::2]), tiny_vit.model_id,
+                                                  tiny_vit.fingerprint))
+    x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(os, "environ", Watched(os.environ))
+    for config in (TORCH, TRITON):
+        forward_mixed(tiny_vit, x, [adapter], [0, -1], config=config)
+    assert reads == []
