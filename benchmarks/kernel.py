@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--dims", type=int, nargs="+", default=None, help="only these model widths (split a long grid over calls)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement (ms)")
     p.add_argument("--out", type=Path, default=None, help="output stem (default results/kernel or kernel_smoke)")
+    p.add_argument("--split-shrink-rank", type=int, default=None,
+                   help="block ranks above this take the split shrink (default: the tuning file's fused_shrink_max_rank)")
     p.add_argument("--save-tuning", action="store_true",
                    help="GPU: add the autotuner's choices of this run to selora/kernels/configs/<GPU>.json (the 'tuned' table)")
     return p.parse_args(argv)
@@ -165,7 +167,7 @@ def run(args) -> dict:
     from selora.kernels.reference import lora_linear_reference
 
     device = "cuda" if not args.smoke else "cpu"
-    config = KernelConfig.resolve(device, "triton")  # on CPU: Triton's interpreter
+    config = KernelConfig.resolve(device, "triton", None, args.split_shrink_rank)  # on CPU: Triton's interpreter
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.smoke:
         dtype = torch.float32

@@ -217,9 +217,10 @@ def run_benchmark(args) -> dict:
 
 
 def _backend() -> str:
-    from selora.kernels.ops import kernel_backend
+    """The kernel backend the server resolves from the same settings and environment."""
+    from selora.server.settings import Settings
 
-    return kernel_backend("cpu")
+    return Settings.load().kernel_config().backend
 
 
 def _torch() -> str:
