@@ -37,7 +37,7 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
             items = (e.item_start, e.item_end)
             xs, ys_rows = x2[e.item_start * tokens : e.item_end * tokens], y2[e.item_start * tokens : e.item_end * tokens]
         a_t, bt = buffers.block_views(e.rank_start, e.rank)
-        ys = ys_rows[:, e.out_start : e.out_start + out_size]
+        ys = ys_rows if out_size == y2.shape[1] else ys_rows[:, e.out_start : e.out_start + out_size]  # one block: whole rows
         if e.dora:  # f ⊙ (x·W0ᵀ + t) + b, in place: take the fused bias out, expand, scale, put it back
             b = 0 if bias is None else bias[e.out_start : e.out_start + out_size]
             ys.sub_(b).addmm_(xs @ a_t, bt, alpha=e.scale).mul_(buffers.dora_factor[e.page]).add_(b)
