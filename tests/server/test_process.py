@@ -94,7 +94,8 @@ def test_bad_kernel_configuration_is_refused_at_start_up(tmp_path, tiny_vit):
            (dict(kernel="triton", split_shrink_rank=-1), "split shrink rank")]
     for overrides, words in bad:
         with pytest.raises(SettingsError, match=words):
-            build_engine(Settings(device="cpu", adapter_root=str(tmp_path), **overrides), backbone=tiny_vit)
+            build_engine(Settings(device="cpu", store=str(tmp_path / "store"), **overrides), backbone=tiny_vit)
+        assert not (tmp_path / "store").exists()  # refused before the store was opened
     env = {**os.environ, "SELORA_KERNEL": "cuda-please"}  # the environment reaches the kernel through the settings only
     out = subprocess.run([sys.executable, "-m", "selora.cli", "serve", "--model", "tiny-vit"], env=env, capture_output=True,
                          text=True, timeout=60)
