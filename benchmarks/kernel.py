@@ -7,7 +7,7 @@ block active with that probability), ``triton.testing.do_bench`` times:
 
 - ``base``: ``F.linear`` (the base GEMM alone);
 - ``fused``: ``selora.kernels.ops.lora_linear`` (the Triton kernel, in the configured mode:
-  the base GEMM inside the kernel's tiles unless ``SELORA_BASE_GEMM`` says otherwise);
+  the base GEMM where the GPU's tuning data puts it, ``base_gemm``);
 - ``fused_tile`` / ``fused_library``: the kernel called directly with the base GEMM in its tiles,
   or done by torch (cuBLAS) with the kernel adding the LoRA terms to the tiles entries meet;
   which of the two is faster decides the tuning file's ``base_gemm``;
@@ -32,10 +32,10 @@ interpreter timings, not speed results. Without a GPU and without ``--smoke`` it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
-import os
 import platform
 import random
 import statistics
@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--dims", type=int, nargs="+", default=None, help="only these model widths (split a long grid over calls)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement (ms)")
     p.add_argument("--out", type=Path, default=None, help="output stem (default results/kernel or kernel_smoke)")
+    p.add_argument("--split-shrink-rank", type=int, default=None,
+                   help="block ranks above this take the split shrink (default: the tuning file's fused_shrink_max_rank)")
     p.add_argument("--save-tuning", action="store_true",
                    help="GPU: add the autotuner's choices of this run to selora/kernels/configs/<GPU>.json (the 'tuned' table)")
     return p.parse_args(argv)
@@ -98,13 +100,18 @@ def make_layer(torch, rng, gen, d_in, d_out, n_blocks, groups, rank, fraction, d
     return (pack_layer(work) if work else None), merged
 
 
-def peers(torch, F, x, w, b, layer, groups, merged_w):
+def peers(torch, F, x, w, b, layer, groups, merged_w, config):
     """The compared implementations, as zero-argument callables."""
     from selora.kernels.ops import lora_linear
     from selora.kernels.triton_lora import triton_lora_linear
 
     def direct(base_gemm):
-        return lambda: F.linear(x, w, b) if layer is None else triton_lora_linear(x, w, b, layer, base_gemm)
+        mode = dataclasses.replace(config, base_gemm=base_gemm)
+        return lambda: F.linear(x, w, b) if layer is None else triton_lora_linear(x, w, b, layer, mode)
+
+    def weights(e):
+        ranks = slice(e.rank_start, e.rank_start + e.rank)
+        return layer.buffers.lora_a[ranks], layer.buffers.lora_bt[ranks]
 
     def unfused():
         ys = [F.linear(x[:groups[0][0]], w, b)]
@@ -113,7 +120,7 @@ def peers(torch, F, x, w, b, layer, groups, merged_w):
             y = F.linear(xs, w, b)
             for e in (layer.entries if layer else []):
                 if e.item_start == start:
-                    a, bt = layer.lora_a[e.rank_start : e.rank_start + e.rank], layer.lora_bt[e.rank_start : e.rank_start + e.rank]
+                    a, bt = weights(e)
                     y[..., e.out_start : e.out_start + layer.out_size] += (xs @ a.t()) @ bt * e.scale
             ys.append(y)
         return torch.cat(ys)
@@ -127,7 +134,7 @@ def peers(torch, F, x, w, b, layer, groups, merged_w):
                 if e.item_start == start:
                     if delta is None:
                         delta = torch.zeros(*sub.shape[:-1], w.shape[0], device=x.device, dtype=x.dtype)
-                    a, bt = layer.lora_a[e.rank_start : e.rank_start + e.rank], layer.lora_bt[e.rank_start : e.rank_start + e.rank]
+                    a, bt = weights(e)
                     delta[..., e.out_start : e.out_start + layer.out_size] = (sub @ a.t()) @ bt * e.scale
             if delta is not None:
                 y[idx] += delta
@@ -136,7 +143,7 @@ def peers(torch, F, x, w, b, layer, groups, merged_w):
     def merged():
         return torch.cat([F.linear(x[:groups[0][0]], w, b)] + [F.linear(x[s:e], mw, b) for (s, e), mw in zip(groups, merged_w)])
 
-    return {"base": lambda: F.linear(x, w, b), "fused": lambda: lora_linear(x, w, b, layer),
+    return {"base": lambda: F.linear(x, w, b), "fused": lambda: lora_linear(x, w, b, layer, config),
             "fused_tile": direct("fused"), "fused_library": direct("library"),
             "unfused": unfused, "peft_loop": peft_loop, "merged": merged}
 
@@ -155,10 +162,12 @@ def run(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from selora.kernels.ops import kernel_backend, lora_linear_flops
+    from selora.kernels.config import KernelConfig
+    from selora.kernels.ops import lora_linear_flops
     from selora.kernels.reference import lora_linear_reference
 
     device = "cuda" if not args.smoke else "cpu"
+    config = KernelConfig.resolve(device, "triton", None, args.split_shrink_rank)  # on CPU: Triton's interpreter
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.smoke:
         dtype = torch.float32
@@ -185,7 +194,7 @@ def run(args) -> dict:
             x = torch.randn(batch, tokens, d_in, generator=gen, device=device).to(dtype)
             layer, deltas = make_layer(torch, rng, gen, d_in, d_out, n_blocks, groups, rank, fraction, device, dtype)
             merged_w = [w + dl.to(device, dtype) for dl in deltas]
-            fns = peers(torch, F, x, w, b, layer, groups, merged_w)
+            fns = peers(torch, F, x, w, b, layer, groups, merged_w, config)
             if layer is not None:  # every peer computes the op: check before timing
                 want = lora_linear_reference(x.float(), w.float(), b.float(), layer_float(torch, layer))
                 for name in ("fused", "fused_tile", "fused_library", "unfused", "peft_loop", "merged"):
@@ -200,15 +209,16 @@ def run(args) -> dict:
               f"unfused/fused={model_ratio(rows[-4:], 'unfused', 'fused'):.2f}", flush=True)
     machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
     return dict(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=machine, dtype=str(dtype)[6:],
-                backend=kernel_backend(device), smoke=args.smoke, torch=torch.__version__, rows=rows,
+                backend=config.backend, smoke=args.smoke, torch=torch.__version__, rows=rows,
                 targets=evaluate_targets(rows))
 
 
 def layer_float(torch, layer):
-    from selora.kernels.batch import LayerBatch
+    from selora.kernels.batch import SiteBuffers
 
-    return LayerBatch(layer.entries, layer.out_size, layer.lora_a.float(), layer.lora_bt.float(), layer.scales,
-                      layer.meta, None if layer.dora_factor is None else layer.dora_factor.float())
+    b = layer.buffers
+    return dataclasses.replace(layer, buffers=SiteBuffers(b.lora_a.float(), b.lora_bt.float(), b.dora_factor.float(), b.scales,
+                                                          b.host_scales))
 
 
 def model_ratio(site_rows, num, den):
@@ -293,10 +303,10 @@ def plot(report, path):
 def save_tuning(device_name: str, command: str) -> Path:
     """Merge this process's autotuned tiles into ``configs/<slug of the GPU>.json``: from then on
     that GPU launches those keys with their tile, without autotuning."""
-    from selora.kernels import triton_lora
+    from selora.kernels import triton_lora, tuning
 
-    path = triton_lora.device_tuning_path(device_name)
-    base = json.loads((path if path.exists() else triton_lora.CONFIG_DIR / "default.json").read_text())
+    path = tuning.device_tuning_path(device_name)
+    base = json.loads((path if path.exists() else tuning.CONFIG_DIR / "default.json").read_text())
     base["tuned"] = {**base.get("tuned", {}), **triton_lora.TUNED}
     base["note"] = (f"{device_name}: candidates as in default.json; 'tuned' holds the autotuner's choice per key, "
                     f"measured by `{command}` ({time.strftime('%Y-%m-%d')}).")
@@ -306,9 +316,6 @@ def save_tuning(device_name: str, command: str) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ["SELORA_KERNEL"] = "triton"
     import torch
 
     if not args.smoke and not torch.cuda.is_available():

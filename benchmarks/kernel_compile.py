@@ -54,8 +54,8 @@ def mlp_layer(torch, dtype, variant: str, rank: int, items=64, tokens=197, adapt
                           torch.randn(rank, 4 * d, generator=gen).to(dtype), 2.0 / rank, factor)
         work.append((j * per, (j + 1) * per, blk))
     layer = pack_layer(work)
-    if variant == "dora" and layer.dora_factor is None:
-        raise AssertionError("DoRA layer without factors")
+    if layer.has_dora != (variant == "dora"):
+        raise AssertionError(f"{variant} layer with has_dora={layer.has_dora}")
     x = torch.randn(items, tokens, d, generator=gen).to(dtype)
     w = torch.randn(4 * d, d, generator=gen).to(dtype)
     return x, w, torch.zeros(4 * d, dtype=dtype), layer
@@ -66,9 +66,9 @@ def run(args) -> dict:
     import triton
     from tqdm import tqdm
 
-    from selora.kernels import aot, triton_lora
+    from selora.kernels import aot, triton_lora, tuning
 
-    path = args.config or triton_lora.CONFIG_DIR / "default.json"
+    path = args.config or tuning.CONFIG_DIR / "default.json"
     tuning = json.loads(path.read_text()) | {"source": path.name}
     torch_dtypes = {v: k for k, v in triton_lora.DTYPE_NAMES.items()}
     rows = []

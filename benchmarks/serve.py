@@ -217,9 +217,10 @@ def run_benchmark(args) -> dict:
 
 
 def _backend() -> str:
-    from selora.kernels.ops import kernel_backend
+    """The kernel backend the server resolves from the same settings and environment."""
+    from selora.server.settings import Settings
 
-    return kernel_backend("cpu")
+    return Settings.load().kernel_config().backend
 
 
 def _torch() -> str:
@@ -261,6 +262,7 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.05, help="active blocks per adapter")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--out", type=Path, default=None, help="output stem (default results/serve_<model>)")
     p.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--import-root", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -270,8 +272,8 @@ def main() -> None:
     args.model = args.model or QUICK_MODEL
     args.seconds = args.seconds or (3.0 if args.quick else 10.0)
     res = run_benchmark(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"serve_{args.model.replace(':', '_').replace('/', '_')}"
+    stem = args.out or RESULTS / f"serve_{args.model.replace(':', '_').replace('/', '_')}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
     stem.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from selora.adapters import AdapterConfig, GatedAdapter, export_adapter, save_adapter
+from selora.runtime.slots import DeviceSlots
 from selora.server.app import build_engine, create_app
 from selora.server.settings import MiB, Settings
 
@@ -30,6 +31,12 @@ def make_adapter(backbone, variant="lora", r=4, active=None, seed=0, head_classe
             for i, b in enumerate(adapter.block_ids):
                 adapter.scores[i] = 0.15 if b in set(active) else 0.0
     return adapter.eval()
+
+
+def resident(backbone, *adapters):
+    """The ``SparseAdapter``s moved into device slots of their own (one slot set, all at once)."""
+    slots = DeviceSlots.holding(backbone, adapters)
+    return [slots.load(a) for a in adapters]
 
 
 def write_adapter(backbone, root, name, variant="lora", r=4, active=None, seed=0, head_classes=None):

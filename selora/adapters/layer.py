@@ -1,9 +1,10 @@
 """``AdaptedLinear``: a frozen ``nn.Linear`` that applies adapters without merging them.
 
 Two ways in, one layer:
-- serving: the engine sets a per-batch ``ModelBatch`` (rows grouped by adapter, each layer's
-  active blocks) with ``use_batch``; every layer looks up its own entry and calls the kernel op;
-  a layer with no active block in the batch runs the plain base GEMM only;
+- serving: the engine sets a per-batch ``ModelBatch`` (rows grouped by adapter; per layer the
+  slot indices of its active blocks; the ``KernelConfig`` resolved at start-up) with
+  ``use_batch``; every layer looks up its own entry and calls the kernel op; a layer with no
+  active block in the batch runs the plain base GEMM only;
 - training: ``attach`` gives the layers a ``GatedAdapter`` whose gated blocks run in plain torch.
 """
 
@@ -50,7 +51,7 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = _BATCH.get()
         if batch is not None:
-            return lora_linear(x, self.base.weight, self.base.bias, batch.layers.get(self.site))
+            return lora_linear(x, self.base.weight, self.base.bias, batch.layers.get(self.site), batch.config)
         if self.adapter is not None:
             return self.adapter.site_forward(self.base, self.blocks, x)
         return self.base(x)

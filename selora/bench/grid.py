@@ -18,7 +18,8 @@ from selora.bench.flops import closed_form_flops, counted_flops, peft_added_flop
 from selora.bench.synthetic import PAPER_FRACTIONS, active_count, paper_block_order
 from selora.bench.timing import summarize, time_interleaved
 from selora.models.factory import Backbone
-from selora.runtime.batch import forward_mixed, to_device
+from selora.runtime.batch import forward_mixed
+from selora.runtime.slots import DeviceSlots
 
 VARIANTS = ("lora", "dora")
 BenchError = peers.BenchError
@@ -61,7 +62,7 @@ def default_chosen_blocks(backbone: Backbone) -> list[str]:
 def flop_grid(pristine: Backbone, spec: GridSpec, step: Step = lambda: None) -> list[dict]:
     """Per rank and variant: base, merged, every block unmerged, gated at each fraction and at
     the chosen blocks (selora path), PEFT (timm only). Counted on meta tensors, checked against
-    the closed form; ``adapter_bytes`` is ``DeviceAdapter.nbytes`` in the model's dtype."""
+    the closed form; ``adapter_bytes`` is ``DeviceAdapter.nbytes`` (slot pages held) in the model's dtype."""
     meta_bb = peers.pristine_copy(pristine)
     meta_bb.model.to("meta")
     inputs = _inputs(meta_bb, spec.count_batch, "meta")
@@ -89,8 +90,9 @@ def flop_grid(pristine: Backbone, spec: GridSpec, step: Step = lambda: None) -> 
     for r in spec.ranks:
         for variant in VARIANTS:
             for method, blocks, fraction in configs:
-                dev = to_device(random_adapter(pristine.blocks, blocks, r, variant), pristine)
-                counted = _count_selora(meta_bb, peers.to_meta(dev), inputs, spec.count_batch)
+                sparse = random_adapter(pristine.blocks, blocks, r, variant)
+                dev = DeviceSlots.holding(meta_bb, [sparse], pristine.dtype).load(sparse)  # meta tensors: no compute
+                counted = _count_selora(meta_bb, dev, inputs, spec.count_batch)
                 row = _flop_row(pristine, method, variant, r, blocks, counted, fraction)
                 row["adapter_bytes"] = dev.nbytes
                 rows.append(row)
@@ -139,9 +141,9 @@ def latency_grid(pristine: Backbone, served: Backbone, ranks, batches, gated_fra
             for variant in VARIANTS:
                 dense = random_adapter(pristine.blocks, order, r, variant)
                 fwd[("merged", variant)] = peers.merged_forward(pristine, dense)
-                fwd[("lora_all", variant)] = peers.selora_forward(served, [to_device(dense, served)], batch)
+                fwd[("lora_all", variant)] = peers.selora_forward(served, [dense], batch)
                 sparse = random_adapter(pristine.blocks, gated, r, variant)
-                fwd[("selora_gated", variant)] = peers.selora_forward(served, [to_device(sparse, served)], batch)
+                fwd[("selora_gated", variant)] = peers.selora_forward(served, [sparse], batch)
                 if pristine.library == "timm":
                     fwd[("peft", variant)] = peers.peft_forward(peers.peft_model(pristine, r, variant == "dora"))
             samples = time_interleaved(fwd, x, warmup, reps, step)
@@ -175,7 +177,7 @@ def multitenant_grid(pristine: Backbone, served: Backbone, ranks, tenants, batch
             sparse = [random_adapter(pristine.blocks, b, r, "lora", seed=i) for i, b in enumerate(blocks)]
             fwd = {
                 "base": peers.base_forward(pristine),
-                "selora": peers.selora_forward(served, [to_device(a, served) for a in sparse], batch),
+                "selora": peers.selora_forward(served, sparse, batch),
                 "merge_swap": peers.merge_swap_forward(pristine, sparse, batch),
             }
             if pristine.library == "timm":

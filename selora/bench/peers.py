@@ -2,7 +2,7 @@
 
 - ``base``: the pristine model (no adapter wrapper at all);
 - ``merged``: a copy with an adapter merged into its weights (``selora.adapters.merge``);
-- ``selora``: selora's unmerged serving path, ``SparseAdapter`` → ``to_device`` →
+- ``selora``: selora's unmerged serving path, ``SparseAdapter`` → device slots →
   ``forward_mixed`` (gated: only active blocks; "every block": plain LoRA/DoRA unmerged);
 - ``peft``: HF PEFT LoRA/DoRA on a copy of the same timm model, every site
   (``qkv``, ``proj``, ``fc1``, ``fc2``; PEFT adapts the fused qkv as one block), or only the
@@ -22,9 +22,9 @@ from torch import nn
 from selora.adapters.format import SparseAdapter
 from selora.adapters.layer import AdaptedLinear
 from selora.adapters.merge import merge_into, unmerge
-from selora.kernels.batch import DeviceBlock
 from selora.models.factory import Backbone
-from selora.runtime.batch import DeviceAdapter, forward_mixed
+from selora.runtime.batch import forward_mixed
+from selora.runtime.slots import DeviceSlots
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 PEFT_SITES = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
@@ -60,20 +60,13 @@ def merged_forward(pristine: Backbone, adapter: SparseAdapter) -> Forward:
     return torch.no_grad()(merged.encode_image)
 
 
-def selora_forward(backbone: Backbone, adapters: Sequence[DeviceAdapter], rows: int) -> Forward:
-    """Rows spread round-robin over ``adapters`` (one adapter: every row uses it)."""
+def selora_forward(backbone: Backbone, adapters: Sequence[SparseAdapter], rows: int) -> Forward:
+    """The adapters in device slots of their own; rows spread round-robin over them (one
+    adapter: every row uses it)."""
+    slots = DeviceSlots.holding(backbone, adapters)
+    resident = [slots.load(a) for a in adapters]
     row_adapter = [i % len(adapters) for i in range(rows)]
-    return lambda x: forward_mixed(backbone, x, adapters, row_adapter)
-
-
-def to_meta(dev: DeviceAdapter) -> DeviceAdapter:
-    """The same adapter with every tensor on the meta device (FLOP counting without compute)."""
-    move = lambda t: None if t is None else t.to("meta")  # noqa: E731
-    sites = {
-        s: [DeviceBlock(b.block_id, b.out_start, move(b.lora_a), move(b.lora_bt), b.scale, move(b.dora_factor)) for b in blocks]
-        for s, blocks in dev.sites.items()
-    }
-    return DeviceAdapter(sites, dev.variant, dev.r)
+    return lambda x: forward_mixed(backbone, x, resident, row_adapter)
 
 
 def _peft_config(r: int, dora: bool, target: str | list[str]):

@@ -25,6 +25,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from selora.kernels import triton_lora
 from selora.kernels.batch import LayerBatch
+from selora.kernels.config import KernelConfig
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 _KERNELS = {"lora_linear": triton_lora._lora_linear_kernel, "lora_shrink": triton_lora._lora_shrink_kernel}
@@ -88,8 +89,9 @@ def compile_launch(launch: triton_lora.Launch, constexprs: dict, num_warps: int,
 
 def compile_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch,
                   tuning: dict, arch: str = "sm_90", base_gemm: str | None = None) -> list[tuple[dict, Compiled]]:
-    """Every launch of one layer call under every config of ``tuning`` (``triton_lora.tuning``)."""
-    _, launches = triton_lora.plan(x, weight, bias, layer, tuning, base_gemm)
+    """Every launch of one layer call under every config of ``tuning`` (``selora.kernels.tuning``)."""
+    config = KernelConfig("triton", base_gemm or tuning.get("base_gemm", "fused"), tuning["fused_shrink_max_rank"], tuning)
+    _, launches = triton_lora.plan(x, weight, bias, layer, config)
     out = []
     for launch in launches:
         if launch.name == "lora_shrink":

@@ -1,17 +1,20 @@
 """The op's specification in plain torch: what every backend must compute.
 
-Semantics (x viewed as [items, tokens, d_in], rows grouped by adapter):
+Semantics (x viewed as [items, tokens, d_in], rows grouped by adapter; ``P`` = the site's slot
+buffers, ``A_e`` = ``P.lora_a[e.rank_start : e.rank_start + e.rank]``, ``Bᵀ_e`` likewise from
+``P.lora_bt``, ``s_e = P.scales[e.page]``, ``f_e = P.dora_factor[e.page]``):
 
     y = x · W0ᵀ
-    for e in entries:                              # one per (adapter, active block) of this layer
+    for e in entries:                              # one per (adapter, active block) of this site
         rows = items e.item_start .. e.item_end    # every token of those items
         cols = e.out_start .. e.out_start + out_size
-        t = e.scale · (x[rows] · A_eᵀ) · B_eᵀ
-        y[rows, cols] = f_e ⊙ (y[rows, cols] + t)  if e is DoRA (f_e: per-output-channel factor)
+        t = s_e · (x[rows] · A_eᵀ) · Bᵀ_e
+        y[rows, cols] = f_e ⊙ (y[rows, cols] + t)  if e is DoRA
         y[rows, cols] += t                         otherwise
     y += b
 
-A layer with no entry is ``x · W0ᵀ + b``: the base GEMM and nothing else.
+A layer with no entry is ``x · W0ᵀ + b``: the base GEMM and nothing else. Weights are read in
+place from the slot buffers: nothing is gathered or copied per call.
 """
 
 from __future__ import annotations
@@ -27,15 +30,17 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     y2 = y.view(-1, y.shape[-1])  # [items * tokens, d_out], shares storage with y
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0] // x.shape[0]
-    for i, e in enumerate(layer.entries):
-        rows = slice(e.item_start * tokens, e.item_end * tokens)
-        cols = slice(e.out_start, e.out_start + layer.out_size)
-        ranks = slice(e.rank_start, e.rank_start + e.rank)
-        shrunk = x2[rows] @ layer.lora_a[ranks].t()  # [rows, r]
-        ys = y2[rows, cols]
+    buffers, out_size = layer.buffers, layer.out_size
+    items, xs, ys_rows = None, None, None
+    for e in layer.entries:
+        if (e.item_start, e.item_end) != items:  # an adapter's entries are adjacent: slice its rows once
+            items = (e.item_start, e.item_end)
+            xs, ys_rows = x2[e.item_start * tokens : e.item_end * tokens], y2[e.item_start * tokens : e.item_end * tokens]
+        a_t, bt = buffers.block_views(e.rank_start, e.rank)
+        ys = ys_rows if out_size == y2.shape[1] else ys_rows[:, e.out_start : e.out_start + out_size]  # one block: whole rows
         if e.dora:  # f ⊙ (x·W0ᵀ + t) + b, in place: take the fused bias out, expand, scale, put it back
-            b = 0 if bias is None else bias[cols]
-            ys.sub_(b).addmm_(shrunk, layer.lora_bt[ranks], alpha=e.scale).mul_(layer.dora_factor[i]).add_(b)
+            b = 0 if bias is None else bias[e.out_start : e.out_start + out_size]
+            ys.sub_(b).addmm_(xs @ a_t, bt, alpha=e.scale).mul_(buffers.dora_factor[e.page]).add_(b)
         else:
-            ys.addmm_(shrunk, layer.lora_bt[ranks], alpha=e.scale)
+            ys.addmm_(xs @ a_t, bt, alpha=e.scale)
     return y

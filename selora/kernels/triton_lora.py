@@ -2,6 +2,10 @@
 
 Semantics: exactly ``selora.kernels.reference`` (the loop in ``ops``'s docstring).
 
+Weights come from the site's slot buffers (``selora.kernels.batch``): ``A`` and ``Bᵀ`` rows
+``rank_start .. rank_start + rank`` of the flattened page buffers, the scale and the DoRA factor
+from row ``page``; the metadata rows are the only per-batch input besides x.
+
 Design. One program per output tile ``y[m0:m0+BM, n0:n0+BN]``:
 
 1. the base K-loop ``acc = x[m-tile] · W0[n-tile]ᵀ`` (fp32 accumulator, grouped tile order);
@@ -21,7 +25,7 @@ Design. One program per output tile ``y[m0:m0+BM, n0:n0+BN]``:
    12 of the 14 bf16 tile × {LoRA, DoRA} pairs at r = 16 (up to 3.7 KB per thread); this one
    spills in none of the tiles the config file lists (``results/kernel_compile_sm_90.md``).
 3. where does ``s`` come from? Two modes, chosen per call by the largest rank of the layer
-   (threshold ``fused_shrink_max_rank`` in the per-GPU config data):
+   (threshold ``KernelConfig.split_shrink_rank``, default ``fused_shrink_max_rank`` of the tuning data):
 
    - *fused shrink* (small ranks, **one launch per layer**): ``s`` is recomputed in the epilogue
      from the x tile the K-loop just streamed (L2-hot). It repeats the shrink once per column
@@ -41,13 +45,13 @@ Design. One program per output tile ``y[m0:m0+BM, n0:n0+BN]``:
    without one is: the kernel compiles for sm_90 and sm_80 in fp32, fp16 and bf16, and which
    tiles fit the register file per dtype (the config file lists only those). To confirm on a GPU:
    ``benchmarks/kernel.py`` — the ratio to ``F.linear`` at r = 16 with 5 % and 100 % active
-   blocks for both modes (force with ``SELORA_SPLIT_SHRINK_RANK``), the rank at which the two
+   blocks for both modes (force with ``KernelConfig.split_shrink_rank``, ``--split-shrink-rank``), the rank at which the two
    modes cross, and achieved TFLOP/s of the base K-loop against cuBLAS (the fused kernel must
    not lose on the base GEMM what it saves on LoRA). ``--save-tuning`` writes the autotuner's
    choice per key into ``configs/<gpu>.json`` (its ``tuned`` table: that GPU then launches those
    keys without autotuning); set the measured threshold there by hand.
 
-4. where does the base GEMM run? (``base_gemm`` in the config data, ``SELORA_BASE_GEMM``)
+4. where does the base GEMM run? (``KernelConfig.base_gemm``: ``--base-gemm``, else the tuning data)
 
    - ``fused`` (default): in the K-loop above, one launch;
    - ``library``: torch's GEMM (cuBLAS) writes ``x·W0ᵀ + b`` into y first, then the kernel runs
@@ -71,24 +75,19 @@ any machine (``tests/kernels/test_aot.py``).
 from __future__ import annotations
 
 import functools
-import json
-import os
-import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from selora.kernels.batch import META_COLUMNS, LayerBatch
-
-CONFIG_DIR = Path(__file__).with_name("configs")
+from selora.kernels import tuning as tuning_data
+from selora.kernels.batch import META_STRIDE, LayerBatch
+from selora.kernels.config import BASE_GEMMS, KernelConfig, KernelConfigError
 LAUNCHES: Counter = Counter()  # kernel name -> launches in this process (tests read it)
 TILE_SOURCES: Counter = Counter()  # where fused launches took their tile: tuned | fixed | autotuned
 TUNED: dict[str, dict] = {}  # tune_key -> the autotuner's choice, in this process
-META_STRIDE = len(META_COLUMNS)
 TILE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_SIZE_M")  # the tuned constexprs of the fused kernel
 
 
@@ -159,7 +158,8 @@ def _lora_linear_kernel(
             if (row_start < m_lo + BLOCK_M) & (row_end > m_lo) & (col_start < n_lo + BLOCK_N) & (col_start + OUT_SIZE > n_lo):
                 rank_start = tl.load(row + 3)
                 rank = tl.load(row + 4)
-                scale = tl.load(scales_ptr + e)
+                page = tl.load(row + 6)
+                scale = tl.load(scales_ptr + page)
                 row_in = (offs_m >= row_start) & (offs_m < row_end)
                 col_in = (offs_n >= col_start) & (offs_n < col_start + OUT_SIZE)
                 cols = offs_n - col_start
@@ -186,7 +186,7 @@ def _lora_linear_kernel(
                                  mask=r_in[:, None] & col_in[None, :], other=0.0)
                     acc = tl.dot(s, bt, acc, input_precision=DOT_PRECISION)
                 if HAS_DORA:  # entries are disjoint: each element meets at most one factor
-                    f = tl.load(factor_ptr + e * stride_fe + cols, mask=col_in, other=1.0).to(tl.float32)
+                    f = tl.load(factor_ptr + page * stride_fe + cols, mask=col_in, other=1.0).to(tl.float32)
                     acc *= tl.where(row_in[:, None], f[None, :], 1.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -229,25 +229,7 @@ def _lora_shrink_kernel(
             acc = tl.dot(xt, at, acc, input_precision=DOT_PRECISION)
         s_base = s_ptr + tl.load(row + 5) * TOKENS
         tl.store(s_base + (offs_m - row_start)[:, None] * rank + offs_r[None, :],
-                 (acc * tl.load(scales_ptr + e)).to(s_ptr.dtype.element_ty), mask=m_in[:, None] & r_in[None, :])
-
-
-def device_tuning_path(device_name: str) -> Path:
-    """``configs/<slug of the GPU's name>.json``: that GPU's own tuning data (may not exist yet)."""
-    return CONFIG_DIR / (re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") + ".json")
-
-
-@functools.cache
-def tuning(device_name: str) -> dict:
-    """Tuning data for a device: its own file if present, else the default (or interpreter) file."""
-    path = device_tuning_path(device_name)
-    if not path.exists():
-        path = CONFIG_DIR / ("interpreter.json" if device_name == "interpreter" else "default.json")
-    return json.loads(path.read_text()) | {"source": path.name}
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+                 (acc * tl.load(scales_ptr + tl.load(row + 6))).to(s_ptr.dtype.element_ty), mask=m_in[:, None] & r_in[None, :])
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -262,7 +244,7 @@ def _kernels(device_name: str):
         return InterpretedFunction(_lora_linear_kernel), None, InterpretedFunction(_lora_shrink_kernel)
     from triton.runtime.jit import JITFunction
 
-    candidates = tuning(device_name)["configs"]
+    candidates = tuning_data.tuning(device_name)["configs"]
     configs = [triton.Config({k: c[k] for k in TILE}, num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates]
     fits = {id(cfg): (set(c.get("dtypes", DTYPE_NAMES.values())), set(c.get("base_gemms", BASE_GEMMS)))
             for cfg, c in zip(configs, candidates)}
@@ -280,11 +262,17 @@ def _kernels(device_name: str):
     return fused, autotuned, JITFunction(_lora_shrink_kernel)
 
 
+def row_bucket(rows: int) -> int:
+    """The autotuning key's row bucket: the next power of two (``triton.next_power_of_2``, in plain
+    Python: this runs once per layer call)."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
 def tune_key(launch: "Launch") -> str:
     """The autotuning key of a fused launch, as the ``tuned`` table of a tuning file spells it."""
     x2, M, N, K, out_size = launch.args[0], *launch.args[10:14]
     f = launch.flags
-    return (f"{DTYPE_NAMES[x2.dtype]} M<={triton.next_power_of_2(M)} N={N} K={K} out={out_size} "
+    return (f"{DTYPE_NAMES[x2.dtype]} M<={row_bucket(M)} N={N} K={K} out={out_size} "
             f"split={int(f['SPLIT_SHRINK'])} dora={int(f['HAS_DORA'])} base={'library' if f['BASE_FROM_Y'] else 'fused'}")
 
 
@@ -297,81 +285,72 @@ class Launch:
     flags: dict  # feature constexprs (the tile comes from the tuning data)
 
 
-BASE_GEMMS = ("fused", "library")  # where the base GEMM runs: in the Triton tile, or torch's (cuBLAS)
-
-
 def plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch,
-         cfg: dict, base_gemm: str | None = None) -> tuple[torch.Tensor, list[Launch]]:
+         config: KernelConfig) -> tuple[torch.Tensor, list[Launch]]:
     """Validate one layer call and build its output and launches (shrink first when split).
 
-    ``base_gemm`` (default: ``SELORA_BASE_GEMM``, else the tuning file's ``base_gemm``, else
-    ``fused``): ``library`` leaves x·W0ᵀ + b to torch, written into y before the fused launch,
-    which then reads y and touches only the tiles some entry meets.
+    ``config.base_gemm == "library"`` leaves x·W0ᵀ + b to torch, written into y before the fused
+    launch, which then reads y and touches only the tiles some entry meets. Checks use the
+    layer's host-side summaries: nothing here walks the entries.
 
     Shared by the launch below and by ``selora.kernels.aot``, which compiles the same launches
     for a GPU architecture without one."""
-    from selora.kernels.ops import KernelBackendError
-
     d_out, d_in = weight.shape
-    if x.shape[-1] != d_in or layer.lora_a.shape[1] != d_in:
-        raise ValueError(f"lora_linear: x [..., {x.shape[-1]}], W0 [{d_out}, {d_in}], A [R, {layer.lora_a.shape[1]}] disagree")
-    tensors = [x, weight, layer.lora_a, layer.lora_bt] + [t for t in (bias, layer.dora_factor) if t is not None]
+    buffers = layer.buffers
+    if x.shape[-1] != d_in or buffers.lora_a.shape[1] != d_in:
+        raise ValueError(f"lora_linear: x [..., {x.shape[-1]}], W0 [{d_out}, {d_in}], A [R, {buffers.lora_a.shape[1]}] disagree")
+    tensors = [x, weight, buffers.lora_a, buffers.lora_bt, buffers.dora_factor] + ([bias] if bias is not None else [])
     if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
-        raise ValueError("lora_linear: x, weight, bias and the adapter tensors must share one dtype and device")
+        raise ValueError("lora_linear: x, weight, bias and the slot buffers must share one dtype and device")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"lora_linear: unsupported dtype {x.dtype}")
-    if cfg["source"] == "interpreter.json" and x.dtype == torch.bfloat16:
-        raise KernelBackendError("bf16 is not supported by the Triton interpreter (its tl.dot is wrong for bf16)")
-    entries = layer.entries
-    if max(e.item_end for e in entries) > x.shape[0] or max(e.out_start for e in entries) + layer.out_size > d_out:
+    if config.tuning.get("source") == "interpreter.json" and x.dtype == torch.bfloat16:
+        raise KernelConfigError("bf16 is not supported by the Triton interpreter (its tl.dot is wrong for bf16)")
+    if layer.items_end > x.shape[0] or layer.cols_end > d_out:
         raise ValueError("lora_linear: layer metadata addresses rows or columns outside x·W0ᵀ")
-    if tuple(layer.meta.shape) != (len(entries), META_STRIDE):
-        raise ValueError(f"lora_linear: meta must be int32 [{len(entries)}, {META_STRIDE}]")
+    if tuple(layer.meta.shape) != (layer.num_entries, META_STRIDE) or layer.meta.device != x.device:
+        raise ValueError(f"lora_linear: meta must be int32 [{layer.num_entries}, {META_STRIDE}] on {x.device}")
 
     x2 = x.reshape(-1, d_in)
     M, tokens = x2.shape[0], x2.shape[0] // max(x.shape[0], 1)
     y = torch.empty((M, d_out), dtype=x.dtype, device=x.device)
     if M == 0:
         return y, []
-    split = max(e.rank for e in entries) > int(os.environ.get("SELORA_SPLIT_SHRINK_RANK", cfg["fused_shrink_max_rank"]))
-    base_gemm = base_gemm or os.environ.get("SELORA_BASE_GEMM") or cfg.get("base_gemm", "fused")
-    if base_gemm not in BASE_GEMMS:
-        raise ValueError(f"base GEMM must be one of {list(BASE_GEMMS)}, got {base_gemm!r} (SELORA_BASE_GEMM)")
+    split = layer.max_block_rank > config.split_shrink_rank
     precision = "ieee" if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
-    a, bt = layer.lora_a, layer.lora_bt
+    a, bt, factor, scales = buffers.lora_a, buffers.lora_bt, buffers.dora_factor, buffers.scales
     launches, s = [], y  # s: placeholder pointer when the shrink is fused (never read)
-    if split:
-        s = torch.empty(tokens * sum((e.item_end - e.item_start) * e.rank for e in entries), dtype=x.dtype, device=x.device)
-        launches.append(Launch("lora_shrink", (x2, a, layer.scales, layer.meta, s, d_in, tokens, x2.stride(0),
+    if split:  # scale·x·Aᵀ of every entry, side by side (item_rank_offset)
+        s = torch.empty(tokens * layer.shrink_size, dtype=x.dtype, device=x.device)
+        launches.append(Launch("lora_shrink", (x2, a, scales, layer.meta, s, d_in, tokens, x2.stride(0),
                                                x2.stride(1), a.stride(0), a.stride(1)),
                                dict(META_STRIDE=META_STRIDE, DOT_PRECISION=precision)))
-    factor = layer.dora_factor if layer.dora_factor is not None else layer.scales
-    args = (x2, weight, bias if bias is not None else y, y, a, bt, layer.scales, layer.meta, factor, s,
-            M, d_out, d_in, layer.out_size, len(entries), tokens, triton.next_power_of_2(M),
+    args = (x2, weight, bias if bias is not None else y, y, a, bt, scales, layer.meta, factor, s,
+            M, d_out, d_in, layer.out_size, layer.num_entries, tokens, row_bucket(M),
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
             a.stride(0), a.stride(1), bt.stride(0), bt.stride(1), factor.stride(0))
     launches.append(Launch("lora_linear", args, dict(
-        HAS_BIAS=bias is not None, HAS_DORA=layer.dora_factor is not None, SPLIT_SHRINK=split,
-        BASE_FROM_Y=base_gemm == "library", META_STRIDE=META_STRIDE, DOT_PRECISION=precision)))
+        HAS_BIAS=bias is not None, HAS_DORA=layer.has_dora, SPLIT_SHRINK=split,
+        BASE_FROM_Y=config.base_gemm == "library", META_STRIDE=META_STRIDE, DOT_PRECISION=precision)))
     return y, launches
 
 
 def shrink_grid(layer: LayerBatch, tokens: int, tile: dict) -> tuple[int, int, int]:
     """(entries, row tiles of the largest entry, rank tiles of the largest rank)."""
-    max_rows = max(e.item_end - e.item_start for e in layer.entries) * tokens
-    return len(layer.entries), triton.cdiv(max_rows, tile["BLOCK_M"]), triton.cdiv(max(e.rank for e in layer.entries), tile["BLOCK_R"])
+    return (layer.num_entries, triton.cdiv(layer.max_entry_items * tokens, tile["BLOCK_M"]),
+            triton.cdiv(layer.max_block_rank, tile["BLOCK_R"]))
 
 
 def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch,
-                       base_gemm: str | None = None) -> torch.Tensor:
+                       config: KernelConfig) -> torch.Tensor:
     """Launch the fused kernel(s) for one layer; validates shapes, dtypes and metadata.
 
-    The fused kernel's tile: the tuning file's ``tuned`` entry for this call's key if there is
+    The fused kernel's tile: the tuning data's ``tuned`` entry for this call's key if there is
     one (measured on that GPU), else the autotuner's choice among the candidates, which is
     recorded in ``TUNED`` (``benchmarks/kernel.py --save-tuning`` writes it to the file)."""
-    device_name = _device_name(x.device)
-    cfg = tuning(device_name)
-    y, launches = plan(x, weight, bias, layer, cfg, base_gemm)
+    device_name = tuning_data.device_name(x.device)
+    cfg = config.tuning
+    y, launches = plan(x, weight, bias, layer, config)
     fused, autotuned, shrink = _kernels(device_name)
     M, d_out = y.shape
     for launch in launches:

@@ -1,9 +1,12 @@
-"""Serving form of adapters and the per-batch metadata every adapted layer reads.
+"""Per-batch metadata every adapted layer reads, and the mixed-batch forward.
 
-``to_device`` turns a validated ``SparseAdapter`` into ``DeviceAdapter`` (A, Bᵀ, scale and the
-DoRA factor per active block, computed once). ``plan_rows`` groups a batch's rows by adapter;
-``build_batch`` packs, for each layer, the active blocks of the adapters present — once per
-batch. ``forward_mixed`` is the mixed-batch forward: the semantic reference of the server.
+``plan_rows`` groups a batch's rows by adapter; ``build_batch`` turns the groups into slot
+indices, once per batch: the resident adapters' metadata rows (``DeviceAdapter.rows``) with
+each group's item range filled in, sorted by site, offsets computed — a fixed number of NumPy
+operations whatever the number of adapters and blocks — and copied to the device in one copy, into the
+slots' preallocated metadata buffer. Each layer gets a view of it plus host-side summaries.
+No adapter weight is copied, concatenated or allocated per batch. ``forward_mixed`` is the
+mixed-batch forward: the semantic reference of the server.
 """
 
 from __future__ import annotations
@@ -11,55 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from selora.adapters.format import SparseAdapter
 from selora.adapters.inject import inject
-from selora.adapters.lora import dora_norm
 from selora.adapters.layer import use_batch
-from selora.kernels.batch import DeviceBlock, LayerBatch, pack_layer
+from selora.kernels.batch import COLUMN, META_STRIDE, LayerBatch, segment_offsets
+from selora.kernels.config import KernelConfig
 from selora.models.factory import Backbone
-
-
-@dataclass
-class DeviceAdapter:
-    sites: dict[str, list[DeviceBlock]]  # site -> active blocks of this adapter there
-    variant: str
-    r: int
-    head: tuple[torch.Tensor, torch.Tensor] | None = None
-    head_classes: list[str] | None = None
-    head_input: str = "raw"
-
-    @property
-    def nbytes(self) -> int:
-        n = sum(b.nbytes for blocks in self.sites.values() for b in blocks)
-        if self.head is not None:
-            n += sum(t.numel() * t.element_size() for t in self.head)
-        return n
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(len(v) for v in self.sites.values())
-
-
-@torch.no_grad()
-def to_device(adapter: SparseAdapter, backbone: Backbone, device=None, dtype=None) -> DeviceAdapter:
-    device, dtype = device or backbone.device, dtype or backbone.dtype
-    sites: dict[str, list[DeviceBlock]] = {}
-    for b, w in adapter.blocks.items():
-        spec = backbone.blocks[b]
-        a, bm = w.lora_A.to(device, torch.float32), w.lora_B.to(device, torch.float32)
-        factor = None
-        if adapter.variant == "dora":  # computed once here, in fp32, where the base weight lives
-            w0 = backbone.model.get_submodule(spec.site).weight[spec.out_start : spec.out_start + spec.d_out]
-            norm = dora_norm(w0.to(device, torch.float32), a, bm, adapter.scale)
-            factor = (w.magnitude.to(device, torch.float32) / norm).to(dtype)
-        blk = DeviceBlock(b, spec.out_start, a.to(dtype), bm.t().contiguous().to(dtype), adapter.scale, factor)
-        sites.setdefault(spec.site, []).append(blk)
-    head = None
-    if adapter.head_weight is not None:
-        head = (adapter.head_weight.to(device, dtype), adapter.head_bias.to(device, dtype))
-    return DeviceAdapter(sites, adapter.variant, adapter.r, head, adapter.head_classes, adapter.head_input)
+from selora.runtime.slots import SITE_COLUMN, DeviceAdapter
 
 
 @dataclass
@@ -83,17 +46,59 @@ def plan_rows(row_adapter: Sequence[int]) -> RowPlan:
 
 @dataclass
 class ModelBatch:
+    config: KernelConfig = field(default_factory=KernelConfig)
     layers: dict[str, LayerBatch] = field(default_factory=dict)  # site -> LoRA work; absent: base GEMM only
 
 
-def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int, int, int]]) -> ModelBatch:
-    work: dict[str, list[tuple[int, int, DeviceBlock]]] = {}
-    for idx, start, end in groups:
-        if idx < 0 or adapters[idx] is None:
-            continue
-        for site, blocks in adapters[idx].sites.items():
-            work.setdefault(site, []).extend((start, end, blk) for blk in blocks)
-    return ModelBatch({site: pack_layer(w) for site, w in work.items()})
+class StaleAdapterError(RuntimeError):
+    """A batch named an adapter whose slots were released (evicted): a registry bug, never served."""
+
+
+def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int, int, int]], config: KernelConfig) -> ModelBatch:
+    """The batch's metadata, valid until the next batch is built on the same slots.
+
+    Host work is a fixed number of NumPy operations on arrays of one row per (adapter present,
+    active block), plus one small object per site that has work: no loop over blocks."""
+    present = [(adapters[i], start, end) for i, start, end in groups if i >= 0 and adapters[i] is not None]
+    present = [(d, s, e) for d, s, e in present if d.num_blocks]
+    if not present:
+        return ModelBatch(config)
+    slots = present[0][0].slots
+    for dev, _, _ in present:
+        if dev.released or dev.slots is not slots:
+            raise StaleAdapterError("a batch may only use adapters resident in one set of device slots")
+    if len({id(d) for d, _, _ in present}) != len(present):
+        raise ValueError("each adapter may appear in one row group of a batch (plan_rows groups them)")
+    c = COLUMN
+    counts = [d.num_blocks for d, _, _ in present]
+    rows = np.concatenate([d.rows for d, _, _ in present])
+    rows[:, c["item_start"]] = np.repeat([s for _, s, _ in present], counts)
+    rows[:, c["item_end"]] = np.repeat([e for _, _, e in present], counts)
+    rows = rows[np.argsort(rows[:, SITE_COLUMN], kind="stable")]
+    site = rows[:, SITE_COLUMN]
+    per_site = np.bincount(site, minlength=len(slots.site_names))
+    ends = np.cumsum(per_site)
+    begins = ends - per_site
+    rows[:, c["item_rank_offset"]] = segment_offsets(rows, begins[site])
+    host = np.ascontiguousarray(rows[:, :META_STRIDE])
+    meta = slots.meta[: len(host)]
+    meta.copy_(torch.from_numpy(host))  # the batch's one host-to-device copy
+    sites = np.flatnonzero(per_site)
+    starts = begins[sites]
+    items = rows[:, c["item_end"]] - rows[:, c["item_start"]]
+    summaries = zip(
+        sites.tolist(), starts.tolist(), ends[sites].tolist(),
+        *(np.maximum.reduceat(v, starts).tolist() for v in (rows[:, c["item_end"]], rows[:, c["out_start"]],
+                                                            rows[:, c["block_rank"]], items, rows[:, c["dora"]])),
+        np.add.reduceat(items * rows[:, c["rank"]], starts).tolist(),
+    )
+    layers = {}
+    for i, b, e, items_end, out_end, block_rank, entry_items, dora, shrink in summaries:
+        name = slots.site_names[i]
+        buffers = slots.buffers[name]
+        layers[name] = LayerBatch(buffers, meta, b, host[b:e], items_end, out_end + buffers.out_size, block_rank,
+                                  entry_items, shrink, bool(dora))
+    return ModelBatch(config, layers)
 
 
 @torch.no_grad()
@@ -103,11 +108,15 @@ def forward_mixed(
     adapters: Sequence[DeviceAdapter | None],
     row_adapter: Sequence[int],
     modality: str = "image",
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """Embeddings of a batch whose row i uses ``adapters[row_adapter[i]]`` (-1: the base model)."""
+    """Embeddings of a batch whose row i uses ``adapters[row_adapter[i]]`` (-1: the base model).
+
+    ``config``: the server's resolved kernel configuration (default: ``auto`` for the backbone's
+    device)."""
     inject(backbone)
     plan = plan_rows(row_adapter)
-    batch = build_batch(adapters, plan.groups)
+    batch = build_batch(adapters, plan.groups, config or KernelConfig.resolve(backbone.device))
     encode = backbone.encode_image if modality == "image" else backbone.encode_text
     with use_batch(batch):
         out = encode(inputs[plan.order.to(inputs.device)])

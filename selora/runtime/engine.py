@@ -26,9 +26,11 @@ from selora.adapters.format import head_logits
 from selora.adapters.inject import inject
 from selora.models.factory import Backbone
 from selora.models.prompts import zero_shot_weights
-from selora.runtime.batch import DeviceAdapter, forward_mixed
+from selora.kernels.config import KernelConfig
+from selora.runtime.batch import forward_mixed
 from selora.runtime.inputs import InputError, Limits, preprocess_images, tokenize_texts
 from selora.runtime.registry import AdapterRecord, AdapterRegistry
+from selora.runtime.slots import DeviceAdapter
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,10 @@ class Engine:
         max_wait_ms: float = 5.0,
         max_queue: int = 512,
         on_batch: Callable[[str, int], None] | None = None,
+        config: KernelConfig | None = None,
     ):
         self.backbone, self.registry, self.limits = backbone, registry, limits
+        self.config = config or KernelConfig.resolve(backbone.device)
         self.max_batch_size, self.max_wait, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
         self.on_batch = on_batch or (lambda modality, rows: None)
         self.queued_rows = 0
@@ -247,7 +251,7 @@ class Engine:
         return list(out.split([j.rows for j in jobs]))
 
     def _encode(self, modality: str, inputs: torch.Tensor, adapters: list[DeviceAdapter], row_adapter: list[int]) -> torch.Tensor:
-        return forward_mixed(self.backbone, inputs, adapters, row_adapter, modality)  # metadata built once per batch
+        return forward_mixed(self.backbone, inputs, adapters, row_adapter, modality, self.config)  # metadata built once per batch
 
     def _zero_shot_weights(self, record: AdapterRecord | None, labels: tuple[str, ...]) -> torch.Tensor:
         """Forward thread: class weights from prompt templates, text tower under the adapter."""

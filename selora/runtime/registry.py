@@ -1,11 +1,13 @@
-"""Adapter registry: the store (SQLite manifest + immutable blobs) -> host cache -> device cache.
+"""Adapter registry: the store (SQLite manifest + immutable blobs) -> host cache -> device slots.
 
 Every committed adapter version is an ``AdapterRecord`` keyed by ``(tenant, name, version)``:
 its manifest entry and, when resident, its validated ``SparseAdapter`` (host cache) and its
-``DeviceAdapter`` (device cache). Each cache is an LRU keyed the same way, with a byte budget
-counted from the adapters' actual active blocks (``SparseAdapter.nbytes`` /
-``DeviceAdapter.nbytes``). An evicted adapter is reloaded from its content-addressed blob,
-whose hash is checked, so a record can only ever serve its own version's bytes.
+``DeviceAdapter`` (device tier). The host cache is an LRU keyed the same way, with a byte budget
+counted from the adapters' actual active blocks (``SparseAdapter.nbytes``). The device tier is
+``DeviceSlots`` sized from the device budget: a resident adapter holds slot pages for its active
+blocks only, and the least recently used unpinned adapters give theirs up when a new one finds
+no free run. An evicted adapter is reloaded from its content-addressed blob, whose hash is
+checked, so a record can only ever serve its own version's bytes.
 
 Adapters are addressed ``tenant/name`` (``address()``); who may address what is the server's
 business (``selora.server.auth``), not the registry's.
@@ -15,8 +17,9 @@ Safety rules:
   evicted or stored; a failed load or upload leaves the registry and the store as they were;
 - writes are serialized: store commit and registry swap happen together, in commit order;
 - a request *pins* the record it names (and its host copy) until its batch is done; pinned
-  records are never evicted, and replacing or deleting an adapter only unregisters the old
-  record, so in-flight requests finish on the version they pinned;
+  records are never evicted (so no slot a running batch reads is ever freed or rewritten), and
+  replacing or deleting an adapter only unregisters the old record, so in-flight requests finish
+  on the version they pinned;
 - names are ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``; import paths are resolved inside the import
   root (no ``..``, no symlink pointing outside) and the files are copied into the store.
 """
@@ -35,7 +38,7 @@ from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, Adap
 from selora.adapters.peft import as_selora_files
 from selora.models.blocks import BlockTable
 from selora.models.factory import Backbone
-from selora.runtime.batch import DeviceAdapter, to_device
+from selora.runtime.slots import DeviceAdapter, DeviceSlots, DeviceSlotsFullError
 from selora.runtime.store import AdapterStore, Entry, StoreError, valid_name
 
 log = logging.getLogger(__name__)
@@ -200,7 +203,8 @@ class AdapterRegistry:
         self.store = store
         self.import_root = Path(import_root).resolve() if import_root is not None else None
         self.host = LRUCache(host_budget)
-        self.device = LRUCache(device_budget)
+        self.slots = DeviceSlots.from_budget(backbone, device_budget)
+        self.device = LRUCache(self.slots.nbytes)  # its order decides eviction; free slot pages decide room
         self.records: dict[tuple[str, str], AdapterRecord] = {}  # (tenant, name) -> current version
         self._by_key: dict[Key, AdapterRecord] = {}  # every record still cached (current or pinned)
         self._lock = threading.RLock()
@@ -255,7 +259,7 @@ class AdapterRegistry:
                 self._by_key[record.key] = record
                 if old is not None:
                     self._retire(old)
-                self._make_room(self.host, record.host_nbytes, "host")
+                self._make_host_room(record.host_nbytes)
                 self.host.touch(record.key, record.host_nbytes)
         self.listener("load", "host")
         log.info("adapter %s v%d: %d active blocks, %d bytes", record.address, entry.version, len(adapter.blocks), adapter.nbytes)
@@ -264,6 +268,9 @@ class AdapterRegistry:
     def _check_fits(self, adapter: SparseAdapter) -> None:
         if adapter.nbytes > self.host.budget:
             raise AdapterTooLargeError(f"adapter needs {adapter.nbytes} bytes, more than the host cache budget {self.host.budget}")
+        why = self.slots.fits_empty(adapter)
+        if why is not None:
+            raise AdapterTooLargeError(f"adapter does not fit the device: {why}")
 
     def delete(self, tenant: str, name: str) -> None:
         """Delete ``tenant/name`` from the store and unregister it; in-flight requests finish normally."""
@@ -308,9 +315,9 @@ class AdapterRegistry:
 
     def _forget(self, record: AdapterRecord) -> None:
         self.host.drop(record.key)
-        self.device.drop(record.key)
+        self._drop_device(record)
         self._by_key.pop(record.key, None)
-        record.sparse = record.device = None
+        record.sparse = None
 
     # -- serving ------------------------------------------------------------------------
     def get(self, adapter: str) -> AdapterRecord:
@@ -366,42 +373,62 @@ class AdapterRegistry:
             self._forget(record)
 
     def device_adapters(self, records: list[AdapterRecord]) -> list[DeviceAdapter]:
-        """Device copies of pinned records (uploaded on demand); the list keeps them alive."""
+        """The records' resident forms, written into device slots on demand (the caller pins them)."""
         with self._lock:
             out = []
+            batch = {r.key for r in records}
             for record in records:
                 if record.device is None:
                     self._ensure_host(record)
-                    dev = to_device(record.sparse, self.backbone)
-                    self._make_room(self.device, dev.nbytes, "device")
-                    record.device = dev
+                    prepared = self.slots.prepare(record.sparse)  # everything that can fail, before evicting
+                    while record.device is None:
+                        try:
+                            record.device = self.slots.place(record.sparse, prepared)
+                        except DeviceSlotsFullError:
+                            self._evict_device(batch)
                     self.listener("load", "device")
                 self.device.touch(record.key, record.device.nbytes)
                 out.append(record.device)
             return out
 
+    def _evict_device(self, keep: set[Key]) -> None:
+        """Give the least recently used unpinned adapter's slots back (never one in ``keep``)."""
+        for key in self.device.sizes:
+            record = self._by_key.get(key)
+            if key not in keep and (record is None or record.pins == 0):
+                if record is not None:
+                    self._drop_device(record)
+                else:
+                    self.device.drop(key)
+                self.listener("evict", "device")
+                return
+        raise DeviceSlotsFullError("every adapter holding device slots is in use; retry when a batch finishes")
+
+    def _drop_device(self, record: AdapterRecord) -> None:
+        self.device.drop(record.key)
+        if record.device is not None:
+            self.slots.release(record.device)
+            record.device = None
+
     def _ensure_host(self, record: AdapterRecord) -> None:
         if record.sparse is None:
             adapter = parse_adapter(record.entry.config, self.store.read_blob(record.entry.sha256), self.backbone.blocks)
-            self._make_room(self.host, adapter.nbytes, "host")
+            self._make_host_room(adapter.nbytes)
             record.sparse = adapter
             self.listener("load", "host")
         self.host.touch(record.key, record.host_nbytes)
 
-    def _make_room(self, cache: LRUCache, nbytes: int, tier: str) -> None:
+    def _make_host_room(self, nbytes: int) -> None:
         def pinned(key: Key) -> bool:
             r = self._by_key.get(key)
             return r is not None and r.pins > 0
 
-        for key in cache.victims(nbytes, pinned):
-            cache.drop(key)
+        for key in self.host.victims(nbytes, pinned):
+            self.host.drop(key)
             record = self._by_key.get(key)
             if record is not None:
-                if tier == "host":
-                    record.sparse = None
-                else:
-                    record.device = None
-            self.listener("evict", tier)
+                record.sparse = None
+            self.listener("evict", "host")
 
     # -- metrics ------------------------------------------------------------------------
     def resident(self) -> dict[str, tuple[int, int]]:

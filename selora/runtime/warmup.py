@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from selora.adapters.synthetic import random_adapter
-from selora.kernels.ops import kernel_backend
+from selora.kernels.config import KernelConfig
 from selora.models.factory import Backbone
-from selora.runtime.batch import forward_mixed, to_device
+from selora.runtime.batch import forward_mixed
+from selora.runtime.slots import DeviceSlots
 
 log = logging.getLogger("selora.warmup")
 # (variant, rank): one adapter per kernel specialisation (DoRA or not × shrink fused or split).
@@ -33,15 +34,17 @@ def sample_inputs(backbone: Backbone, modality: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def warm_up(backbone: Backbone, max_batch_size: int, force: bool = False) -> int:
+def warm_up(backbone: Backbone, max_batch_size: int, config: KernelConfig, force: bool = False) -> int:
     """Run every (modality, variant, batch size) once; returns the forwards run (0: nothing to compile).
 
-    ``force`` runs even when the backend compiles nothing (tests use it with the interpreter)."""
-    if kernel_backend(backbone.device) != "triton" and not force:
+    The warm-up adapters live in slots of their own, freed afterwards. ``force`` runs even when
+    the backend compiles nothing (tests use it with the interpreter)."""
+    if config.backend != "triton" and not force:
         return 0
     every_block = list(backbone.blocks)
-    adapters = [to_device(random_adapter(backbone.blocks, every_block, rank, variant, base_model=backbone.model_id), backbone)
-                for variant, rank in VARIANTS]
+    sparse = [random_adapter(backbone.blocks, every_block, rank, variant, base_model=backbone.model_id) for variant, rank in VARIANTS]
+    slots = DeviceSlots.holding(backbone, sparse)
+    adapters = [slots.load(a) for a in sparse]
     runs = 0
     for modality in backbone.modalities:
         one = sample_inputs(backbone, modality).to(backbone.device)
@@ -50,6 +53,6 @@ def warm_up(backbone: Backbone, max_batch_size: int, force: bool = False) -> int
         for (variant, rank), adapter in zip(VARIANTS, adapters):
             log.info("warm-up: %s tower, %s r%d, batches 1..%d", modality, variant, rank, max_batch_size)
             for n in range(1, max_batch_size + 1):
-                forward_mixed(backbone, one.expand(n, *one.shape), [adapter], [0] * n, modality)
+                forward_mixed(backbone, one.expand(n, *one.shape), [adapter], [0] * n, modality, config)
                 runs += 1
     return runs

@@ -18,7 +18,6 @@ import time
 from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
 
-from selora.kernels.ops import kernel_backend
 from selora.models.factory import Backbone, load_backbone
 from selora.runtime.engine import Engine
 from selora.runtime.registry import AdapterRegistry, import_tree
@@ -38,6 +37,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None, backbone: B
     """Load the base model (unless given one), open the store (unless given one: remove crash
     debris, import an existing import root once), register its adapters, return an (unstarted)
     engine. The server, the benchmarks and the tests all build their engines here."""
+    config = settings.kernel_config()  # a bad kernel setting is refused before the model loads
     backbone = backbone or load_backbone(settings.model, settings.weights, settings.torch_device(), settings.torch_dtype())
     store = store or open_store(settings)
     registry = AdapterRegistry(
@@ -49,14 +49,14 @@ def build_engine(settings: Settings, metrics: Metrics | None = None, backbone: B
     log.info(
         "base %s (%s, %d blocks, fingerprint %s) on %s in %s; kernel backend %s; %d adapters in the store",
         backbone.model_id, backbone.library, len(backbone.blocks), backbone.fingerprint, backbone.device,
-        str(backbone.dtype).removeprefix("torch."), kernel_backend(backbone.device), len(names),
+        str(backbone.dtype).removeprefix("torch."), config.backend, len(names),
     )
-    warmed = warm_up(backbone, settings.max_batch_size)  # compiles the GPU kernels before /ready
+    warmed = warm_up(backbone, settings.max_batch_size, config)  # compiles the GPU kernels before /ready
     if warmed:
         log.info("warm-up: %d forwards compiled and tuned the kernel for batches up to %d", warmed, settings.max_batch_size)
     return Engine(
         backbone, registry, settings.limits, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-        metrics.on_batch if metrics else None,
+        metrics.on_batch if metrics else None, config,
     )
 
 

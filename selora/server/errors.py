@@ -14,6 +14,7 @@ from selora.adapters.format import AdapterError, AdapterNotFoundError, BaseModel
 from selora.models.factory import ModelError
 from selora.runtime import inputs, registry, store
 from selora.runtime.engine import EngineStoppedError, NoClassifierError, OverloadedError
+from selora.runtime.slots import DeviceSlotsFullError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ ERRORS: dict[type[BaseException], tuple[int, str]] = {
     RequestValidationError: (422, "invalid_request"),
     OverloadedError: (429, "overloaded"),
     NotReadyError: (503, "not_ready"),
+    DeviceSlotsFullError: (503, "device_slots_full"),
     EngineStoppedError: (503, "unavailable"),
 }
 

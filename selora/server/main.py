@@ -18,8 +18,9 @@ def run(args: argparse.Namespace) -> int:
     from selora.server.app import create_app
 
     settings = settings_module.Settings.load(args)
-    try:  # a device or dtype this machine cannot honour stops here, before the server starts
+    try:  # a device, dtype or kernel setting this machine cannot honour stops here, before the server starts
         settings.torch_dtype()
+        settings.kernel_config()
     except settings_module.SettingsError as e:
         raise SystemExit(f"selora serve: {e}") from None
     if not _loopback(settings.host) and not settings.allow_unauthenticated:

@@ -111,7 +111,7 @@ class RemoteEngine:
 
     def __init__(self, local, handle):
         self.local, self.handle = local, handle  # local: an Engine that is never started
-        self.registry, self.backbone = local.registry, local.backbone
+        self.registry, self.backbone, self.config = local.registry, local.backbone, local.config
         self.on_batch = None
         self._running = False
 

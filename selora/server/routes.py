@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from selora.kernels.ops import kernel_backend
 from selora.runtime.engine import BASE, Engine
 from selora.runtime.inputs import InputError
 from selora.runtime.registry import AdapterRecord
@@ -79,7 +78,7 @@ async def models(engine: Engine = Depends(get_engine), caller: Caller = Depends(
             "id": b.model_id, "library": b.library, "fingerprint": b.fingerprint, "embed_dim": b.embed_dim,
             "modalities": list(b.modalities), "num_blocks": len(b.blocks), "device": str(b.device), "dtype": str(b.dtype),
         },
-        "kernel_backend": kernel_backend(b.device),
+        "kernel_backend": engine.config.backend,
         "data": [{"id": BASE, "type": "base"}] + [{"id": n, "type": "adapter"} for n in names],
     }
 

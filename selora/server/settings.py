@@ -13,6 +13,7 @@ from typing import Mapping
 
 import torch
 
+from selora.kernels.config import KernelConfig, KernelConfigError
 from selora.models.factory import DEFAULT_MODEL, DTYPES
 from selora.runtime.inputs import Limits
 
@@ -39,7 +40,10 @@ class Settings:
     max_wait_ms: float = 5.0  # how long the oldest queued request waits for its batch to fill
     max_queue: int = 512  # rows waiting; beyond it requests get 429 + Retry-After
     host_cache_mb: float = 1024.0  # host-memory budget of resident adapters (active blocks)
-    device_cache_mb: float = 512.0  # device-memory budget of resident adapters
+    device_cache_mb: float = 512.0  # device-memory budget of resident adapters (their slot buffers)
+    kernel: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
+    base_gemm: str | None = None  # fused | library (default: the GPU's tuning data)
+    split_shrink_rank: int | None = None  # larger block ranks use the split shrink (default: tuning data)
     max_body_mb: float = 32.0  # request body size (413 beyond)
     max_inputs: int = 64  # inputs per request (413 beyond)
     max_image_pixels: int = 4096 * 4096  # decoded image width x height (413 beyond)
@@ -80,6 +84,13 @@ class Settings:
         if self.dtype not in DTYPES:
             raise SettingsError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return DTYPES[self.dtype]
+
+    def kernel_config(self) -> KernelConfig:
+        """The kernel configuration, resolved once at start-up; refused here if it cannot run."""
+        try:
+            return KernelConfig.resolve(self.torch_device(), self.kernel, self.base_gemm, self.split_shrink_rank)
+        except KernelConfigError as e:
+            raise SettingsError(str(e)) from None
 
     @classmethod
     def load(cls, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> "Settings":
@@ -127,7 +138,10 @@ HELP = {
     "max_wait_ms": "how long the oldest queued request waits for its batch to fill",
     "max_queue": "rows allowed to wait; beyond it 429 with Retry-After",
     "host_cache_mb": "host-memory budget of resident adapters (their active blocks)",
-    "device_cache_mb": "device-memory budget of resident adapters",
+    "device_cache_mb": "device-memory budget of resident adapters: sizes their slot buffers, allocated at start",
+    "kernel": "adapted-layer backend: auto (Triton on CUDA, torch elsewhere), triton (on CPU: Triton's interpreter) or torch",
+    "base_gemm": "where the Triton path runs x·W0ᵀ: fused (in the kernel) or library (torch's GEMM first)",
+    "split_shrink_rank": "block ranks above this use the split (two-launch) shrink",
     "max_body_mb": "request body size limit (413)",
     "max_inputs": "inputs per request (413)",
     "max_image_pixels": "pixels of one decoded image (413)",

@@ -10,7 +10,8 @@ from selora.bench import grid, peers
 from selora.bench.flops import base_flops, closed_form_flops, counted_flops, peft_added_flops, tower_tokens
 from selora.adapters.synthetic import random_adapter
 from selora.bench.synthetic import paper_block_order
-from selora.runtime.batch import forward_mixed, to_device
+from selora.runtime.batch import forward_mixed
+from tests.helpers import resident
 
 
 def _images(bb, n):
@@ -36,7 +37,7 @@ def test_base_count_equals_closed_form_attention_included(name, request):
 def test_gated_adapter_count_is_base_plus_active_blocks(name, variant, request):
     bb = request.getfixturevalue(name)
     blocks = paper_block_order(bb.blocks)[:3] + (["text.1.k"] if "text" in bb.blocks.towers else [])
-    dev = to_device(random_adapter(bb.blocks, blocks, 8, variant), bb)
+    [dev] = resident(bb, random_adapter(bb.blocks, blocks, 8, variant))
     rows = [0, -1, 0, 0]  # one base-only row: it must cost nothing beyond the base GEMMs
     x = _images(bb, len(rows))
     counted = counted_flops(lambda: forward_mixed(bb, x, [dev], rows))

@@ -2,17 +2,19 @@
 
 A case is one adapted layer: ``n_blocks`` blocks of ``out_size`` output columns (a q/k/v site has
 3, an MLP site 1), adapters with their rank, variant and fraction of active blocks, rows grouped
-like ``plan_rows`` groups them (base-only items first, then each adapter's items).
+like ``plan_rows`` groups them (base-only items first, then each adapter's items), written into
+fragmented slot pages (``pack_layer``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from selora.kernels.batch import DeviceBlock, LayerBatch, pack_layer
+from selora.kernels.batch import DeviceBlock, LayerBatch, SiteBuffers, pack_layer
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,9 @@ class LayerInputs:
         cast = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
         layer = None
         if self.layer is not None:
-            l = self.layer
-            layer = LayerBatch(l.entries, l.out_size, cast(l.lora_a), cast(l.lora_bt), l.scales.to(device),
-                               l.meta.to(device), cast(l.dora_factor))
+            b = self.layer.buffers
+            buffers = SiteBuffers(cast(b.lora_a), cast(b.lora_bt), cast(b.dora_factor), b.scales.to(device), b.host_scales)
+            layer = dataclasses.replace(self.layer, buffers=buffers, batch_meta=self.layer.batch_meta.to(device))
         return LayerInputs(cast(self.x), cast(self.weight), cast(self.bias), layer)
 
 

@@ -1,8 +1,9 @@
 """Kernel tests run the real Triton kernel: compiled on CUDA, in Triton's interpreter on CPU.
 
-``TRITON_INTERPRET=1`` and ``SELORA_KERNEL`` are set per test (``monkeypatch``), never for the
-whole pytest process: the kernel module picks the interpreter from the tensors' device when it
-builds its kernels, so the order in which other test directories imported triton does not matter.
+Each test resolves its own ``KernelConfig`` (``kernel="triton"``: the interpreter on CPU
+tensors, compiled on CUDA); nothing is read from the environment. The kernel module picks the
+interpreter from the tensors' device when it builds its kernels, so the order in which other
+test directories imported triton does not matter.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from selora.kernels import triton_lora
+from selora.kernels import tuning as tuning_data
+from selora.kernels.config import KernelConfig
 
 CUDA = torch.cuda.is_available()
 NO_GPU = "no CUDA GPU on this machine: the compiled-kernel cases (bf16 included) need one"
@@ -22,15 +25,17 @@ CUDA_TEST_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 16, "
 
 @pytest.fixture
 def interpreter(monkeypatch, request):
-    """Force the Triton backend; CPU tensors then run in Triton's interpreter, CUDA tensors
-    compiled with one tile (tests marked ``autotune`` keep the real candidates)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("SELORA_KERNEL", "triton")
-    monkeypatch.delenv("SELORA_SPLIT_SHRINK_RANK", raising=False)
-    monkeypatch.delenv("SELORA_BASE_GEMM", raising=False)
+    """A factory of Triton configs: ``interpreter(device, base_gemm=None, split_shrink_rank=None)``.
+    CPU tensors run in Triton's interpreter, CUDA tensors compiled with one tile (tests marked
+    ``autotune`` keep the real candidates)."""
     if CUDA and request.node.get_closest_marker("autotune") is None:
-        real = triton_lora.tuning
-        monkeypatch.setattr(triton_lora, "tuning",
+        real = tuning_data.tuning
+        monkeypatch.setattr(tuning_data, "tuning",
                             lambda name: real(name) if name == "interpreter" else real(name) | {"configs": [CUDA_TEST_TILE]})
         triton_lora._kernels.cache_clear()
         request.addfinalizer(triton_lora._kernels.cache_clear)
+
+    def config(device="cpu", base_gemm=None, split_shrink_rank=None) -> KernelConfig:
+        return KernelConfig.resolve(device, "triton", base_gemm, split_shrink_rank)
+
+    return config

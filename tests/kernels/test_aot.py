@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from selora.kernels import aot, triton_lora
+from selora.kernels.config import BASE_GEMMS
+from selora.kernels.tuning import tuning
 from tests.kernels.cases import CASES, build_case
 
 NO_TOOLCHAIN = aot.toolchain_available()
@@ -40,12 +42,12 @@ def test_fused_shrink_without_dora_compiles_without_spills(dtype):
 
 def test_autotuner_offers_each_call_only_its_listed_configs():
     _, autotuned, _ = triton_lora._kernels("NVIDIA H100 80GB HBM3")  # builds the autotuner; runs nothing
-    listed = triton_lora.tuning("NVIDIA H100 80GB HBM3")["configs"]
+    listed = tuning("NVIDIA H100 80GB HBM3")["configs"]
     prune = autotuned.early_config_prune
     for dtype, name in triton_lora.DTYPE_NAMES.items():
-        for base in triton_lora.BASE_GEMMS:
+        for base in BASE_GEMMS:
             kept = prune(autotuned.configs, {"x_ptr": torch.empty(0, dtype=dtype)}, BASE_FROM_Y=base == "library")
-            expected = [c for c in listed if name in c["dtypes"] and base in c.get("base_gemms", triton_lora.BASE_GEMMS)]
+            expected = [c for c in listed if name in c["dtypes"] and base in c.get("base_gemms", BASE_GEMMS)]
             assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == \
                 [(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in expected]
             assert kept

@@ -5,8 +5,9 @@ import torch
 
 from selora.adapters import export_adapter, inject, load_adapter, save_adapter
 from selora.adapters.merge import merge_into
-from selora.runtime.batch import build_batch, forward_mixed, plan_rows, to_device
-from tests.helpers import make_adapter
+from selora.kernels.config import KernelConfig
+from selora.runtime.batch import build_batch, forward_mixed, plan_rows
+from tests.helpers import make_adapter, resident
 
 
 def test_plan_rows_groups_stably():
@@ -17,10 +18,10 @@ def test_plan_rows_groups_stably():
 
 
 def test_block_no_row_uses_costs_nothing(tiny_vit):
-    a = to_device(export_adapter(make_adapter(tiny_vit, active=["vision.1.fc2"]), "t", tiny_vit.fingerprint), tiny_vit)
-    batch = build_batch([a], plan_rows([0, -1]).groups)
+    [a] = resident(tiny_vit, export_adapter(make_adapter(tiny_vit, active=["vision.1.fc2"]), "t", tiny_vit.fingerprint))
+    batch = build_batch([a], plan_rows([0, -1]).groups, KernelConfig())
     assert list(batch.layers) == ["blocks.1.mlp.fc2"]
-    assert build_batch([a], plan_rows([-1, -1]).groups).layers == {}
+    assert build_batch([a], plan_rows([-1, -1]).groups, KernelConfig()).layers == {}
 
 
 @pytest.mark.parametrize("backbone_name", ["tiny_vit", "tiny_clip"])
@@ -30,7 +31,7 @@ def test_mixed_batch_equals_each_row_alone_merged(backbone_name, request):
     blocks = list(bb.blocks)
     specs = [("lora", 4, blocks[::3]), ("dora", 8, blocks[1::5]), ("lora", 2, blocks)]
     sparse = [export_adapter(make_adapter(bb, v, r, act, seed=i), bb.model_id, bb.fingerprint) for i, (v, r, act) in enumerate(specs)]
-    adapters = [to_device(s, bb) for s in sparse]
+    adapters = resident(bb, *sparse)
     rows = [1, -1, 0, 2, 0, -1, 1, 2]
     x = torch.randn(len(rows), 3, 32, 32)
     mixed = forward_mixed(bb, x, adapters, rows)
@@ -47,7 +48,7 @@ def test_text_rows_use_their_adapters(tiny_clip):
     inject(tiny_clip)
     sparse = export_adapter(make_adapter(tiny_clip, active=["text.0.q", "text.1.fc1"]), "t", tiny_clip.fingerprint)
     tokens = tiny_clip.tokenize(["a photo of a cat", "a dog"])
-    out = forward_mixed(tiny_clip, tokens, [to_device(sparse, tiny_clip)], [0, -1], modality="text")
+    out = forward_mixed(tiny_clip, tokens, resident(tiny_clip, sparse), [0, -1], modality="text")
     merged = copy.deepcopy(tiny_clip)
     merge_into(merged, sparse)
     with torch.no_grad():
@@ -65,5 +66,5 @@ def test_save_load_forward_equals_in_memory(variant, tiny_clip, tmp_path):
     with attached(tiny_clip, adapter), torch.no_grad():
         in_memory = tiny_clip.encode_image(x)
     path = save_adapter(export_adapter(adapter, tiny_clip.model_id, tiny_clip.fingerprint), tmp_path / variant)
-    device_adapter = to_device(load_adapter(path, tiny_clip.blocks), tiny_clip)
+    [device_adapter] = resident(tiny_clip, load_adapter(path, tiny_clip.blocks))
     torch.testing.assert_close(forward_mixed(tiny_clip, x, [device_adapter], [0, 0, 0]), in_memory, atol=1e-5, rtol=0)

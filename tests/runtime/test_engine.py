@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from selora.models.prompts import zero_shot_weights
-from selora.runtime.batch import forward_mixed, to_device
+from selora.runtime.batch import forward_mixed
 from selora.runtime.engine import EngineStoppedError, NoClassifierError, OverloadedError
 from selora.runtime.inputs import Limits, preprocess_images
-from tests.helpers import image_b64, make_engine, write_adapter
+from tests.helpers import image_b64, make_engine, resident, write_adapter
 
 
 async def _running(engine, coro_fn):
@@ -38,7 +38,7 @@ def test_mixed_texts_and_images_in_one_cycle_equal_forward_mixed(tmp_path, tiny_
 
     ia, ibase, ib, tb, ta = asyncio.run(_running(engine, calls))
     assert sorted(batches) == [("image", 4), ("text", 3)]  # one batching cycle, one forward per modality
-    adapters = [to_device(sa, tiny_clip), to_device(sb, tiny_clip)]
+    adapters = resident(tiny_clip, sa, sb)
     x = preprocess_images(tiny_clip, imgs, Limits())
     ref_img = forward_mixed(tiny_clip, x, adapters, [0, 0, -1, 1])
     ref_txt = forward_mixed(tiny_clip, tiny_clip.tokenize(texts), adapters, [1, 1, 0], "text")
@@ -52,7 +52,7 @@ def test_zero_shot_runs_prompts_under_the_adapter(tmp_path, tiny_clip):
     engine = make_engine(tiny_clip, tmp_path)
     labels = ["cat", "dog", "plane"]
     preds = asyncio.run(_running(engine, lambda: engine.classify("default/a", [image_b64(0)], labels, top_k=3)))[0]
-    dev = to_device(sa, tiny_clip)
+    [dev] = resident(tiny_clip, sa)
     weights = zero_shot_weights(tiny_clip, labels, encode_text=lambda t: forward_mixed(tiny_clip, t, [dev], [0] * len(t), "text"))
     img = forward_mixed(tiny_clip, preprocess_images(tiny_clip, [image_b64(0)], Limits()), [dev], [0])
     probs = (tiny_clip.model.logit_scale.exp() * F.normalize(img, dim=-1) @ weights.t()).softmax(-1)[0]

@@ -16,6 +16,7 @@ from selora.runtime.registry import (
     UnsafePathError,
     import_tree,
 )
+from selora.runtime.slots import DeviceSlotsFullError
 from selora.runtime.store import AdapterStore
 from tests.helpers import write_adapter
 
@@ -73,17 +74,23 @@ def test_host_cache_budget_evicts_lru_and_reloads_from_the_store(three, tiny_vit
     assert reg.host.nbytes <= reg.host.budget
 
 
-def test_device_cache_budget_counts_active_blocks_and_evicts_lru(three, tiny_vit):
-    root, sizes = three
-    reg = _registry(tiny_vit, root, device_budget=2 * sizes["x"])
-    recs = [reg.pin(f"default/{n}") for n in "xyz"]
-    reg.device_adapters(recs[:2])
-    assert reg.device.nbytes == 2 * sizes["x"]  # fp32 device copy = the stored active blocks
-    for r in recs:
-        reg.unpin(r)
-    z = reg.pin("default/z")
-    (dev,) = reg.device_adapters([z])
-    assert reg.get("default/x").device is None and reg.get("default/y").device is not None and z.device is dev
+def test_device_slots_evict_the_lru_unpinned_adapter_never_a_running_one(three, tiny_vit):
+    root, _ = three  # x: vision.0.q+k, y: k+v, z: v+out, rank 4: one slot page per block
+    reg = _registry(tiny_vit, root, device_budget=1)  # the smallest device: one page per block
+    assert reg.slots.pages_per_block == 1 and reg.slots.buffers["blocks.0.attn.qkv"].pages == 3
+    x, y, z = (reg.pin(f"default/{n}") for n in "xyz")
+    (dev_x,) = reg.device_adapters([x])
+    assert reg.device.nbytes == dev_x.nbytes == 2 * reg.slots.buffers["blocks.0.attn.qkv"].page_nbytes()
+    with pytest.raises(DeviceSlotsFullError, match="in use"):  # y needs 2 of qkv's 3 pages; x's batch still reads them
+        reg.device_adapters([y])
+    assert x.device is dev_x and not dev_x.released and reg.slots.free_pages()["blocks.0.attn.qkv"] == 1
+    reg.unpin(x)
+    (dev_y,) = reg.device_adapters([y])  # x (unpinned, least recently used) gives its pages back
+    assert x.device is None and dev_x.released and y.device is dev_y
+    (dev_z,) = reg.device_adapters([z])  # qkv's last page and out's page: room without evicting
+    assert y.device is dev_y and z.device is dev_z and reg.slots.free_pages()["blocks.0.attn.qkv"] == 0
+    assert dict(reg.device.sizes) == {y.key: dev_y.nbytes, z.key: dev_z.nbytes}
+    reg.unpin(y)
     reg.unpin(z)
 
 

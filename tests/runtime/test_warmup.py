@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from selora.kernels import triton_lora
+from selora.kernels.config import KernelConfig
 from selora.runtime.warmup import VARIANTS, warm_up
 
 
-def test_torch_backend_has_nothing_to_warm(tiny_vit, monkeypatch):
-    monkeypatch.setenv("SELORA_KERNEL", "torch")
-    assert warm_up(tiny_vit, 4) == 0
+def test_torch_backend_has_nothing_to_warm(tiny_vit):
+    assert warm_up(tiny_vit, 4, KernelConfig.resolve("cpu", "torch")) == 0
 
 
 def test_warm_up_meets_every_kernel_key_of_the_batches(tiny_vit, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("SELORA_KERNEL", "triton")
     keys, real_plan = [], triton_lora.plan
 
     def plan(*args, **kwargs):  # records the kernel key of every fused launch
@@ -22,7 +20,7 @@ def test_warm_up_meets_every_kernel_key_of_the_batches(tiny_vit, monkeypatch):
         return y, launches
 
     monkeypatch.setattr(triton_lora, "plan", plan)
-    assert warm_up(tiny_vit, 2, force=True) == len(VARIANTS) * 2
+    assert warm_up(tiny_vit, 2, KernelConfig.resolve("cpu", "triton"), force=True) == len(VARIANTS) * 2
     fields = [dict(f.split("=") for f in k.split(" ")[2:]) for k in keys]  # N, K, out, split, dora, base
     assert {(f["split"], f["dora"]) for f in fields} == {("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")}
     assert len({k.split(" ")[1] for k in keys}) == 2  # the row buckets of batches of 1 and 2 images

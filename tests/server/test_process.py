@@ -15,7 +15,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from selora.server.app import create_app
+from selora.kernels.config import KernelConfig
+from selora.server.app import build_engine, create_app
 from selora.server.main import add_arguments
 from selora.server.settings import Settings, SettingsError
 from tests.helpers import image_b64, make_app, run_with_client, write_adapter
@@ -85,6 +86,20 @@ def test_device_and_dtype_settings():
 def test_serve_refuses_a_device_it_cannot_use():
     out = subprocess.run([sys.executable, "-m", "selora.cli", "serve", "--dtype", "int8"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "selora serve: dtype must be auto or one of float32, bfloat16, float16" in out.stderr
+
+
+def test_bad_kernel_configuration_is_refused_at_start_up(tmp_path, tiny_vit):
+    assert Settings(device="cpu", kernel="triton", base_gemm="library").kernel_config() == KernelConfig("triton-interpret", "library", 32)
+    bad = [(dict(kernel="cuda-please"), "kernel 'cuda-please'"), (dict(kernel="triton", base_gemm="cublas"), "base GEMM 'cublas'"),
+           (dict(kernel="triton", split_shrink_rank=-1), "split shrink rank")]
+    for overrides, words in bad:
+        with pytest.raises(SettingsError, match=words):
+            build_engine(Settings(device="cpu", store=str(tmp_path / "store"), **overrides), backbone=tiny_vit)
+        assert not (tmp_path / "store").exists()  # refused before the store was opened
+    env = {**os.environ, "SELORA_KERNEL": "cuda-please"}  # the environment reaches the kernel through the settings only
+    out = subprocess.run([sys.executable, "-m", "selora.cli", "serve", "--model", "tiny-vit"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "selora serve: kernel 'cuda-please': expected one of auto, triton, torch" in out.stderr
 
 
 def test_not_ready_while_loading_or_after_a_failed_load(tmp_path):

@@ -123,6 +123,8 @@ def test_other_tenants_adapter_is_a_404_through_ray(cluster):
         assert r.status_code == 404 and r.json()["error"]["type"] == "adapter_not_found"
         assert "x-selora-replica" in r.headers
         assert client.get("/v1/adapters", headers={}).status_code == 401
+        models = client.get("/v1/models", headers={"Authorization": f"Bearer {cluster['keys']['t2']}"})
+        assert models.status_code == 200 and models.json()["kernel_backend"] in ("torch", "triton")  # the resolved config
 
 
 def test_requests_for_one_adapter_stay_on_the_replica_that_holds_it(cluster):

@@ -15,9 +15,9 @@ from PIL import Image
 from selora.adapters import attached, export_adapter, load_adapter
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
 from selora.adapters.merge import merge_into
-from selora.runtime.batch import forward_mixed, to_device
+from selora.runtime.batch import forward_mixed
 from tests.helpers import make_adapter
-from tests.helpers import image_b64, make_app, run_with_client, write_adapter
+from tests.helpers import image_b64, make_app, resident, run_with_client, write_adapter
 
 
 def _pixels(backbone, b64: str) -> torch.Tensor:
@@ -64,9 +64,9 @@ def test_load_replace_delete_under_traffic_lose_no_request(tmp_path, tiny_vit):
     write_adapter(tiny_vit, tmp_path / "staging", "up", active=blocks[6:9], seed=20)
     img = image_b64(7)
     x = _pixels(tiny_vit, img)
-    expected = {n: forward_mixed(tiny_vit, x, [to_device(s, tiny_vit)], [0])[0].numpy() for n, s in versions.items()}
+    expected = {n: forward_mixed(tiny_vit, x, resident(tiny_vit, s), [0])[0].numpy() for n, s in versions.items()}
     expected["base"] = forward_mixed(tiny_vit, x, [], [-1])[0].numpy()
-    expected["up"] = forward_mixed(tiny_vit, x, [to_device(load_adapter(tmp_path / "staging" / "up"), tiny_vit)], [0])[0].numpy()
+    expected["up"] = forward_mixed(tiny_vit, x, resident(tiny_vit, load_adapter(tmp_path / "staging" / "up")), [0])[0].numpy()
     files = {k: (tmp_path / "staging" / "up" / k).read_bytes() for k in (CONFIG_NAME, WEIGHTS_NAME)}
 
     async def traffic(client, model, n):
@@ -121,7 +121,7 @@ def test_uploaded_adapter_equals_in_process_and_merged(tmp_path, tiny_vit, varia
 
     served = run_with_client(make_app(tiny_vit, tmp_path / "root"), scenario)
     x = torch.cat([_pixels(tiny_vit, s) for s in imgs])
-    in_process = forward_mixed(tiny_vit, x, [to_device(sparse, tiny_vit)], [0, 0, 0]).numpy()
+    in_process = forward_mixed(tiny_vit, x, resident(tiny_vit, sparse), [0, 0, 0]).numpy()
     with torch.no_grad(), attached(tiny_vit, gated):  # the training-time path: gated blocks in plain torch
         trained = tiny_vit.encode_image(x).numpy()
     merged_bb = copy.deepcopy(tiny_vit)
