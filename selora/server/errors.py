@@ -10,9 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from selora import safejson
 from selora.adapters.format import AdapterError, AdapterNotFoundError, BaseModelMismatchError
 from selora.models.factory import ModelError
-from selora.runtime import inputs, registry, store
+from selora.runtime import inputs, paths, registry, store
 from selora.runtime.engine import EngineStoppedError, NoClassifierError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ ERRORS: dict[type[BaseException], tuple[int, str]] = {
     store.StorageQuotaError: (403, "storage_quota_exceeded"),
     registry.UnknownAdapterError: (404, "adapter_not_found"),
     registry.InvalidAdapterNameError: (422, "invalid_adapter_name"),
-    registry.UnsafePathError: (422, "unsafe_path"),
+    paths.UnsafePathError: (422, "unsafe_path"),
     registry.AdapterTooLargeError: (413, "adapter_too_large"),
     AdapterNotFoundError: (404, "adapter_files_not_found"),
     BaseModelMismatchError: (422, "base_model_mismatch"),
@@ -57,6 +58,9 @@ ERRORS: dict[type[BaseException], tuple[int, str]] = {
     inputs.InputError: (422, "invalid_input"),
     ModelError: (422, "unsupported_model"),
     PayloadTooLargeError: (413, "payload_too_large"),
+    safejson.JSONEncodingError: (400, "invalid_encoding"),
+    safejson.JSONLimitError: (413, "json_too_complex"),
+    safejson.JSONInputError: (422, "invalid_json"),
     RequestValidationError: (422, "invalid_request"),
     OverloadedError: (429, "overloaded"),
     NotReadyError: (503, "not_ready"),
