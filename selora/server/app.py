@@ -24,7 +24,7 @@ from selora.runtime.engine import Engine
 from selora.runtime.registry import AdapterRegistry, import_tree
 from selora.runtime.store import DEFAULT_TENANT, AdapterStore
 from selora.runtime.warmup import warm_up
-from selora.server import errors
+from selora.server import errors, openapi
 from selora.server.auth import Authenticate, OriginGate
 from selora.server.body import BodyGate
 from selora.server.metrics import Metrics
@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine, app.state.metrics, app.state.settings, app.state.load_error = engine, metrics, settings, None
     app.state.store = store
     errors.install(app, metrics.on_error)
+    openapi.install(app)
     app.include_router(router)
 
     @app.middleware("http")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,7 +15,7 @@ from selora import safejson
 from selora.adapters.format import AdapterError, AdapterNotFoundError, BaseModelMismatchError
 from selora.models.factory import ModelError
 from selora.runtime import inputs, paths, registry, store
-from selora.runtime.engine import EngineStoppedError, NoClassifierError, OverloadedError
+from selora.runtime.engine import EngineStoppedError, NoClassifierError, NonFiniteOutputError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ ERRORS: dict[type[BaseException], tuple[int, str]] = {
     inputs.EmptyInputError: (400, "empty_input"),
     inputs.UnsupportedModalityError: (422, "unsupported_modality"),
     NoClassifierError: (422, "no_classifier"),
+    NonFiniteOutputError: (422, "non_finite_output"),
     inputs.InputError: (422, "invalid_input"),
     ModelError: (422, "unsupported_model"),
     PayloadTooLargeError: (413, "payload_too_large"),
@@ -75,8 +77,19 @@ def status_of(exc: BaseException) -> tuple[int, str]:
     return 500, "internal_error"
 
 
+_OBJECT_REPR = re.compile(r"<[^<>\n]{0,200}? at 0x[0-9a-fA-F]+>")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])(?:/[\w.@+-]+){2,}/?")
+MAX_MESSAGE_CHARS = 500
+
+
+def public_message(message: str) -> str:
+    """``message`` without object reprs or absolute paths (a library's message may hold either), shortened."""
+    message = _ABSOLUTE_PATH.sub("<path>", _OBJECT_REPR.sub("<object>", message))
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
 def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+    return JSONResponse({"error": {"type": kind, "message": public_message(message)}}, status_code=status, headers=headers)
 
 
 def install(app: FastAPI, on_error=lambda kind: None) -> None:
