@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import threading
+import time
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
@@ -37,6 +41,29 @@ def hostile_app(hostile_root, tiny_vit):
 def hostile_client(hostile_app):
     with TestClient(hostile_app) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def live(hostile_app):
+    """The port of a real uvicorn serving ``hostile_app`` in a thread."""
+    yield from serve(hostile_app)
+
+
+def serve(app):
+    """Run ``app`` on a real uvicorn on 127.0.0.1 in a thread; yield its port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(30)
 
 
 @pytest.fixture(scope="module")

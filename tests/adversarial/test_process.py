@@ -7,31 +7,11 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 
 from tests.adversarial.corpus import MAX_BODY
 from tests.helpers import image_b64
-
-
-@pytest.fixture(scope="module")
-def live(hostile_app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(hostile_app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(30)
 
 
 def _response(sock: socket.socket) -> tuple[int, dict]:
