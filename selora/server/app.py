@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         metrics.latency.labels(getattr(route, "path", "unmatched")).observe(time.perf_counter() - started)
         return response
 
-    app.add_middleware(BodyGate, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyGate, max_bytes=settings.max_body_bytes, on_error=metrics.on_error)
     app.add_middleware(Authenticate, store=store, on_request=metrics.on_request, on_error=metrics.on_error)
     app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                        allow_headers=["Authorization", "Content-Type"], max_age=600)

@@ -51,8 +51,8 @@ async def read_body(receive, max_bytes: int) -> bytes:
 class BodyGate:
     """ASGI middleware: read every body once within the limits, then hand it to the app."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, on_error=lambda kind: None):
+        self.app, self.max_bytes, self.on_error = app, max_bytes, on_error
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -67,6 +67,7 @@ class BodyGate:
                 decode_json(body)
         except (PayloadTooLargeError, safejson.JSONInputError) as e:
             status, kind = errors.status_of(e)
+            self.on_error(kind)
             return await errors.error_response(status, kind, str(e))(scope, receive, send)
 
         delivered = False
