@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from selora import safejson
 from selora.server import errors
 from selora.server.errors import PayloadTooLargeError
 
 JSON_LIMITS = safejson.JSONLimits()
+OFF_LOOP_BYTES = 1 << 18
 
 
 def decode_json(body: bytes) -> object:
@@ -64,7 +67,10 @@ class BodyGate:
             body = await read_body(receive, self.max_bytes)
             content_type = (_header(scope, b"content-type") or b"").decode("latin-1").lower()
             if body and not content_type.startswith("multipart/form-data"):
-                decode_json(body)
+                if len(body) > OFF_LOOP_BYTES:  # a large body is checked off the event loop
+                    await asyncio.to_thread(decode_json, body)
+                else:
+                    decode_json(body)
         except (PayloadTooLargeError, safejson.JSONInputError) as e:
             status, kind = errors.status_of(e)
             self.on_error(kind)
