@@ -383,8 +383,11 @@ def _read_header(data: bytes, max_tensors: int) -> dict:
         raise AdapterLimitError(f"{WEIGHTS_NAME} declares a {size}-byte header; the limit is {MAX_HEADER_BYTES}")
     if 8 + size > len(data):
         raise CorruptFileError(f"{WEIGHTS_NAME}: header runs past the end of the file")
+    raw = data[8 : 8 + size]
+    if raw.count(b'"data_offsets"') > max_tensors:  # one per tensor: a cheap bound before parsing
+        raise AdapterLimitError(f"{WEIGHTS_NAME} holds over {max_tensors} tensors, the limit")
     try:
-        header = safejson.loads(data[8 : 8 + size], HEADER_JSON, f"{WEIGHTS_NAME} header")
+        header = safejson.loads(raw, HEADER_JSON, f"{WEIGHTS_NAME} header")
     except safejson.JSONInputError as e:
         raise CorruptFileError(str(e)) from None
     if not isinstance(header, dict):
