@@ -94,10 +94,10 @@ def stored_files(root) -> dict[str, str]:
 
 def snapshot(client, root) -> dict:
     """The adapter list (residency aside: caches may warm), reference embeddings under the base and
-    each adapter, a classification, the stored files."""
+    each adapter, a classification, the files of the import root and of the store (manifest and blobs)."""
     cache_fields = {"resident_host", "resident_device", "device_bytes"}
     adapters = [{k: v for k, v in a.items() if k not in cache_fields} for a in client.get("/v1/adapters").json()["data"]]
-    state = {"adapters": adapters, "files": stored_files(root)}
+    state = {"adapters": adapters, "files": stored_files(root), "store": stored_files(f"{root}.store")}
     for model in ("base", "a1", "d1"):
         state[model] = client.post("/v1/embeddings", json={"model": model, "input": [image_b64(0)]}).json()["data"][0]["embedding"]
     state["classify"] = client.post("/v1/classify", json={"model": "d1", "input": [image_b64(1)]}).json()

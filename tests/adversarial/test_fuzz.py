@@ -1,7 +1,7 @@
 """Property-based fuzzing of the live app with schemathesis, from the app's own OpenAPI
 document (positive and negative cases for every operation). Every response must be documented
 for its route, in its documented schema, never a 5xx; and a refused request must change nothing
-(the adapter list and the stored files). ``SELORA_FUZZ_EXAMPLES`` (per generation mode) and
+(the adapter list, the import root's and the store's files). ``SELORA_FUZZ_EXAMPLES`` (per generation mode) and
 ``SELORA_FUZZ_RECORD`` (a JSON file of cases, statuses and failures) let
 ``benchmarks/fuzz.py`` run the same test longer."""
 
@@ -17,8 +17,10 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
+from schemathesis.config._auth import OpenAPIAuthConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from selora.runtime.store import DEFAULT_TENANT
 from tests.adversarial.conftest import serve, stored_files
 from tests.helpers import image_b64, make_app, write_adapter
 
@@ -41,28 +43,42 @@ def fuzz_root(tmp_path_factory, tiny_vit):
 
 
 @pytest.fixture(scope="module")
-def fuzz_port(fuzz_root, tiny_vit):
-    yield from serve(make_app(tiny_vit, fuzz_root, max_image_pixels=1 << 20, max_request_pixels=2 << 20))
-
-
-def _kept_state(url: str, root) -> dict:
-    listed = requests.get(f"{url}/v1/adapters", timeout=30).json()["data"]
-    files = {k: v for k, v in stored_files(root).items() if k.split(os.sep)[0] in KEPT}
-    refs = [requests.post(f"{url}/v1/embeddings", json={"model": m, "input": [image_b64(0)]}, timeout=30).json() for m in KEPT]
-    return {"kept": sorted(a["name"] for a in listed if a["name"] in KEPT), "files": files, "refs": refs}
-
-
-def _state(url: str, root) -> tuple:
-    return sorted(a["name"] for a in requests.get(f"{url}/v1/adapters", timeout=30).json()["data"]), stored_files(root)
+def fuzz_app(fuzz_root, tiny_vit):
+    return make_app(tiny_vit, fuzz_root, max_image_pixels=1 << 20, max_request_pixels=2 << 20)
 
 
 @pytest.fixture(scope="module")
-def fuzz_url(fuzz_port, fuzz_root):
+def admin_key(fuzz_app):
+    """The store holds a key from here on: every call without it must get 401."""
+    return fuzz_app.state.store.create_key(DEFAULT_TENANT, admin=True)[1]
+
+
+@pytest.fixture(scope="module")
+def fuzz_port(fuzz_app, admin_key):
+    yield from serve(fuzz_app)
+
+
+def _kept_state(url: str, root, auth: dict) -> dict:
+    listed = requests.get(f"{url}/v1/adapters", headers=auth, timeout=30).json()["data"]
+    files = {k: v for k, v in stored_files(root).items() if k.split(os.sep)[0] in KEPT}
+    refs = [requests.post(f"{url}/v1/embeddings", json={"model": m, "input": [image_b64(0)]}, headers=auth, timeout=30).json()
+            for m in KEPT]
+    return {"kept": sorted(a["name"] for a in listed if a["name"] in KEPT), "files": files, "refs": refs}
+
+
+def _state(url: str, root, auth: dict) -> tuple:
+    names = sorted(a["name"] for a in requests.get(f"{url}/v1/adapters", headers=auth, timeout=30).json()["data"])
+    return names, stored_files(root), stored_files(f"{root}.store")
+
+
+@pytest.fixture(scope="module")
+def fuzz_url(fuzz_port, fuzz_root, admin_key):
     url = f"http://127.0.0.1:{fuzz_port}"
-    before = _kept_state(url, fuzz_root)
+    auth = {"Authorization": f"Bearer {admin_key}"}
+    before = _kept_state(url, fuzz_root, auth)
     started = time.monotonic()
     yield url
-    after = _kept_state(url, fuzz_root)
+    after = _kept_state(url, fuzz_root, auth)
     if RECORD:
         record = {**tally, "statuses": dict(tally["statuses"]), "by_operation": dict(tally["by_operation"]),
                   "examples_per_mode": EXAMPLES, "seconds": round(time.monotonic() - started, 1),
@@ -73,13 +89,15 @@ def fuzz_url(fuzz_port, fuzz_root):
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["positive", "negative"])
-def test_fuzzed_requests_get_documented_answers_and_refusals_change_nothing(fuzz_url, fuzz_root, mode):
-    schema = schemathesis.openapi.from_url(f"{fuzz_url}/openapi.json")
+def test_fuzzed_requests_get_documented_answers_and_refusals_change_nothing(fuzz_url, fuzz_root, admin_key, mode):
+    auth = {"Authorization": f"Bearer {admin_key}"}
+    schema = schemathesis.openapi.from_url(f"{fuzz_url}/openapi.json", headers=auth)
+    schema.config.auth.openapi = OpenAPIAuthConfig(schemes={"HTTPBearer": {"bearer": admin_key}})
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(case=schema.as_strategy(generation_mode=mode))
     def fuzz(case):
-        before = _state(fuzz_url, fuzz_root)
+        before = _state(fuzz_url, fuzz_root, auth)
         operation = f"{case.method} {case.path}"
         try:
             response = case.call_and_validate(base_url=fuzz_url, excluded_checks=[positive_data_acceptance])
@@ -90,6 +108,6 @@ def test_fuzzed_requests_get_documented_answers_and_refusals_change_nothing(fuzz
         tally["statuses"][str(response.status_code)] += 1
         tally["by_operation"][f"{operation} {response.status_code}"] += 1
         if response.status_code >= 400:
-            assert _state(fuzz_url, fuzz_root) == before, f"{operation}: a {response.status_code} changed the state"
+            assert _state(fuzz_url, fuzz_root, auth) == before, f"{operation}: a {response.status_code} changed the state"
 
     fuzz()
