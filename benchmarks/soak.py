@@ -94,7 +94,8 @@ def write_versions(root: Path, staging: Path) -> dict[str, list[dict]]:
 
 def start_server(root: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "SELORA_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)}
-    cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", MODEL, "--adapter-root", str(root), "--port", str(port)]
+    cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", MODEL, "--import-root", str(root), "--store", f"{root}.store",
+           "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
