@@ -13,11 +13,14 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from selora import safejson
+from selora.adapters.lora import dora_norm
 from selora.models.blocks import KINDS, BlockTable
 
 FORMAT = "selora-adapter"
@@ -25,6 +28,15 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Limits on what a client may hand the validator; each is far above any real adapter.
+MAX_CONFIG_BYTES = 256 * 1024
+CONFIG_JSON = safejson.JSONLimits(max_depth=8, max_number_chars=40)
+MAX_HEADER_BYTES = 1 << 20  # safetensors JSON header
+HEADER_JSON = safejson.JSONLimits(max_depth=4, max_number_chars=20)
+MAX_TENSORS = 4096  # without a block table; with one: 3 per block + the head's two
+MAX_RANK = 1024
+MAX_CLASSES, MAX_CLASS_NAME_CHARS = 100_000, 256
 
 
 class AdapterError(ValueError):
@@ -73,6 +85,32 @@ class UnexpectedTensorError(AdapterError):
 
 class CorruptFileError(AdapterError):
     pass
+
+
+class AdapterLimitError(AdapterError):
+    """A config or header over one of the limits above."""
+
+
+class ServingError(AdapterError):
+    """An adapter valid on paper that cannot serve on this base in its serving dtype."""
+
+
+@dataclass(frozen=True)
+class ServingTarget:
+    """What an adapter must fit to serve: the base's embedding width, its serving dtype and
+    (for DoRA) its base weights."""
+
+    embed_dim: int
+    dtype: torch.dtype
+    base_weight: Callable[[str], torch.Tensor]  # block id -> W0 [d_out, d_in]
+
+    @classmethod
+    def of(cls, backbone) -> "ServingTarget":
+        def base_weight(block_id: str) -> torch.Tensor:
+            spec = backbone.blocks[block_id]
+            return backbone.model.get_submodule(spec.site).weight[spec.out_start : spec.out_start + spec.d_out]
+
+        return cls(backbone.embed_dim, backbone.dtype, base_weight)
 
 
 @dataclass
@@ -174,28 +212,27 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 # -- reading ------------------------------------------------------------------------------
-def load_adapter(directory: str | Path, table: BlockTable | None = None) -> SparseAdapter:
-    """Read and validate an adapter directory (against ``table`` when given)."""
+def load_adapter(directory: str | Path, table: BlockTable | None = None, serving: ServingTarget | None = None) -> SparseAdapter:
+    """Read and validate an adapter directory (against ``table`` and ``serving`` when given).
+    Messages name the directory by its last component only."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise AdapterNotFoundError(f"{directory}: no such adapter directory")
+        raise AdapterNotFoundError(f"{directory.name}: no such adapter directory")
     files = {}
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
-            raise AdapterNotFoundError(f"{directory}: {name} is missing")
+            raise AdapterNotFoundError(f"{directory.name}: {name} is missing")
         files[name] = (directory / name).read_bytes()
-    return parse_adapter(files[CONFIG_NAME], files[WEIGHTS_NAME], table)
+    return parse_adapter(files[CONFIG_NAME], files[WEIGHTS_NAME], table, serving)
 
 
-def parse_adapter(config_bytes: bytes, weights_bytes: bytes, table: BlockTable | None = None) -> SparseAdapter:
-    """Validate the two files' contents; raises an ``AdapterError`` subclass naming the problem."""
-    cfg = _parse_config(config_bytes)
-    if table is not None and cfg["base_fingerprint"] != table.fingerprint:
-        raise BaseModelMismatchError(
-            f"adapter is for base {cfg['base_model']!r} (fingerprint {cfg['base_fingerprint']}), "
-            f"not this base (fingerprint {table.fingerprint})"
-        )
-    tensors = _parse_weights(weights_bytes)
+def parse_adapter(
+    config_bytes: bytes, weights_bytes: bytes, table: BlockTable | None = None, serving: ServingTarget | None = None
+) -> SparseAdapter:
+    """Validate the two files' contents; raises an ``AdapterError`` subclass naming the problem.
+    With ``serving`` it also proves the adapter serves on that base in its dtype."""
+    cfg = _parse_config(config_bytes, table)
+    tensors = _parse_weights(weights_bytes, MAX_TENSORS if table is None else 3 * len(table) + 2)
     r, variant = cfg["r"], cfg["variant"]
     blocks: dict[str, BlockWeights] = {}
     expected = set()
@@ -218,10 +255,12 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, table: BlockTable |
     weight = bias = None
     if head is not None:
         classes = head.get("classes") if isinstance(head, dict) else None
-        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-            raise ConfigFileError("head.classes must be a non-empty list of class names")
-        if head.get("input", "raw") not in HEAD_INPUTS:
-            raise ConfigFileError(f"head.input must be one of {list(HEAD_INPUTS)}, got {head.get('input')!r}")
+        if not (isinstance(classes, list) and 0 < len(classes) <= MAX_CLASSES and all(isinstance(c, str) for c in classes)):
+            raise ConfigFileError(f"head.classes must be a list of 1 to {MAX_CLASSES} class names")
+        if len(set(classes)) != len(classes) or not all(0 < len(c) <= MAX_CLASS_NAME_CHARS for c in classes):
+            raise ConfigFileError(f"head.classes must be distinct names of 1 to {MAX_CLASS_NAME_CHARS} characters")
+        if not isinstance(head.get("input", "raw"), str) or head.get("input", "raw") not in HEAD_INPUTS:
+            raise ConfigFileError(f"head.input must be one of {list(HEAD_INPUTS)}")
         for n in ("head.weight", "head.bias"):
             if n not in tensors:
                 raise MissingTensorError(f"tensor {n} is missing for the classification head")
@@ -233,49 +272,141 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, table: BlockTable |
     extra = sorted(set(tensors) - expected)
     if extra:
         raise UnexpectedTensorError(f"unexpected tensor {extra[0]} (not an active block of this adapter)")
-    return SparseAdapter(
+    adapter = SparseAdapter(
         cfg["base_model"], cfg["base_fingerprint"], variant, r, float(cfg["lora_alpha"]), blocks,
         cfg.get("gate") or {}, head["classes"] if head else None, weight, bias,
         head.get("input", "raw") if head else "raw",
     )
+    if serving is not None:
+        check_serving(adapter, serving)
+    return adapter
 
 
-def _parse_config(data: bytes) -> dict:
+@torch.no_grad()
+def check_serving(adapter: SparseAdapter, target: ServingTarget) -> None:
+    """Prove ``adapter`` serves on ``target``: the head fits the embedding, and every factor the
+    runtime computes (A, B, ``scale·B·A``, DoRA's ``m / ‖W0 + scale·B·A‖``, the head) is finite in
+    the serving dtype, computed as ``selora.runtime.batch.to_device`` computes it."""
+
+    def finite(name: str, t: torch.Tensor) -> None:
+        if not torch.isfinite(t.to(target.dtype)).all():
+            raise ServingError(f"{name} is not finite in {str(target.dtype).removeprefix('torch.')}, the serving dtype")
+
+    if adapter.head_weight is not None:
+        if adapter.head_weight.shape[1] != target.embed_dim:
+            raise ServingError(f"head.weight is {list(adapter.head_weight.shape)}; this base's embedding width is {target.embed_dim}")
+        finite("head.weight", adapter.head_weight)
+        finite("head.bias", adapter.head_bias)
+    for b, w in adapter.blocks.items():
+        a, bm = w.lora_A.float(), w.lora_B.float()
+        finite(f"{b}.lora_A", a)
+        finite(f"{b}.lora_B", bm)
+        finite(f"{b}: scale·B·A", adapter.scale * (bm @ a))
+        if w.magnitude is not None:
+            w0 = target.base_weight(b).float().cpu()
+            finite(f"{b}: DoRA factor m/‖W0 + scale·B·A‖", w.magnitude.float() / dora_norm(w0, a, bm, adapter.scale))
+
+
+def _parse_config(data: bytes, table: BlockTable | None) -> dict:
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterLimitError(f"{CONFIG_NAME} is {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}")
     try:
-        cfg = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigFileError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+        cfg = safejson.loads(data, CONFIG_JSON, CONFIG_NAME)
+    except safejson.JSONLimitError as e:
+        raise AdapterLimitError(str(e)) from None
+    except safejson.JSONInputError as e:
+        raise ConfigFileError(str(e)) from None
     if not isinstance(cfg, dict):
         raise ConfigFileError(f"{CONFIG_NAME} must hold a JSON object")
     if cfg.get("format") != FORMAT:
-        raise FormatVersionError(f"format is {cfg.get('format')!r}, expected {FORMAT!r}")
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise FormatVersionError(f"format_version {cfg.get('format_version')!r} is not supported (this reads {FORMAT_VERSION})")
+        raise FormatVersionError(f"format is {_shown(cfg.get('format'))}, expected {FORMAT!r}")
+    if cfg.get("format_version") != FORMAT_VERSION or isinstance(cfg.get("format_version"), bool):
+        raise FormatVersionError(f"format_version {_shown(cfg.get('format_version'))} is not supported (this reads {FORMAT_VERSION})")
     for key, kind in (("base_model", str), ("base_fingerprint", str), ("variant", str), ("blocks", list)):
         if not isinstance(cfg.get(key), kind):
             raise ConfigFileError(f"{CONFIG_NAME}: field {key!r} must be a {kind.__name__}")
+    if table is not None and cfg["base_fingerprint"] != table.fingerprint:
+        raise BaseModelMismatchError(
+            f"adapter is for base {cfg['base_model'][:80]!r} (fingerprint {cfg['base_fingerprint'][:80]}), "
+            f"not this base (fingerprint {table.fingerprint})"
+        )
     if cfg["variant"] not in ("lora", "dora"):
-        raise ConfigFileError(f"variant must be 'lora' or 'dora', got {cfg['variant']!r}")
+        raise ConfigFileError(f"variant must be 'lora' or 'dora', got {cfg['variant'][:32]!r}")
     r = cfg.get("r")
-    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
-        raise ConfigFileError(f"r must be a positive integer, got {r!r}")
+    if not (isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_RANK):
+        raise ConfigFileError(f"r must be an integer from 1 to {MAX_RANK}, got {_shown(r)}")
     alpha = cfg.get("lora_alpha")
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
-        raise ConfigFileError(f"lora_alpha must be a positive number, got {alpha!r}")
-    if len(set(cfg["blocks"])) != len(cfg["blocks"]) or not all(isinstance(b, str) for b in cfg["blocks"]):
-        raise ConfigFileError("blocks must be a list of distinct block ids")
-    if not isinstance(cfg.get("gate", {}), (dict, type(None))):
-        raise ConfigFileError("gate must be an object")
+        raise ConfigFileError(f"lora_alpha must be a positive finite number, got {_shown(alpha)}")
+    blocks = cfg["blocks"]
+    if not all(isinstance(b, str) for b in blocks) or len(set(blocks)) != len(blocks):
+        raise ConfigFileError("blocks must be a list of distinct block ids (strings)")
+    if table is not None and len(blocks) > len(table):
+        raise AdapterLimitError(f"{len(blocks)} blocks; this base has {len(table)}")
+    gate = cfg.get("gate")
+    if gate is not None:
+        _check_gate(gate, table)
     cfg.setdefault("head", None)
+    if cfg["head"] is not None and not isinstance(cfg["head"], dict):
+        raise ConfigFileError("head must be null or an object")
     return cfg
 
 
-def _parse_weights(data: bytes) -> dict[str, torch.Tensor]:
+def _shown(value) -> str:
+    """A client's value in a message, shortened."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_gate(gate, table: BlockTable | None) -> None:
+    if not isinstance(gate, dict):
+        raise ConfigFileError("gate must be an object")
+    scores = gate.get("scores", {})
+    if not isinstance(scores, dict):
+        raise ConfigFileError("gate.scores must be an object of block id -> score")
+    limit = len(table) if table is not None else MAX_TENSORS
+    if len(scores) > limit:
+        raise AdapterLimitError(f"gate.scores holds {len(scores)} entries; at most {limit} (one per block)")
+    for b, score in scores.items():
+        _check_block_id(b, table)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ConfigFileError(f"gate.scores[{b!r}] must be a finite number")
+
+
+def _read_header(data: bytes, max_tensors: int) -> dict:
+    """The safetensors JSON header, parsed here (bounded, duplicate keys refused) before the
+    bytes go to safetensors."""
+    if len(data) < 8:
+        raise CorruptFileError(f"{WEIGHTS_NAME} is too short to be a safetensors file")
+    size = int.from_bytes(data[:8], "little")
+    if size > MAX_HEADER_BYTES:
+        raise AdapterLimitError(f"{WEIGHTS_NAME} declares a {size}-byte header; the limit is {MAX_HEADER_BYTES}")
+    if 8 + size > len(data):
+        raise CorruptFileError(f"{WEIGHTS_NAME}: header runs past the end of the file")
+    raw = data[8 : 8 + size]
+    if raw.count(b'"data_offsets"') > max_tensors:  # one per tensor: a cheap bound before parsing
+        raise AdapterLimitError(f"{WEIGHTS_NAME} holds over {max_tensors} tensors, the limit")
+    try:
+        header = safejson.loads(raw, HEADER_JSON, f"{WEIGHTS_NAME} header")
+    except safejson.JSONInputError as e:
+        raise CorruptFileError(str(e)) from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{WEIGHTS_NAME} header must be a JSON object")
+    count = len(header) - ("__metadata__" in header)
+    if count > max_tensors:
+        raise AdapterLimitError(f"{WEIGHTS_NAME} holds {count} tensors; the limit is {max_tensors}")
+    return header
+
+
+def _parse_weights(data: bytes, max_tensors: int) -> dict[str, torch.Tensor]:
     try:  # safetensors never unpickles; its first 8 bytes (header length) may well start with 0x80 or "PK"
+        _read_header(data, max_tensors)
         tensors = load_safetensors(data)
-    except Exception as e:  # safetensors raises its own error type for every malformed header
+    except Exception as e:  # our header checks, or safetensors' own error for a malformed file
         if data[:1] == b"\x80" or data[:2] == b"PK":
             raise CorruptFileError(f"{WEIGHTS_NAME} looks like a pickle/zip checkpoint; only safetensors is read") from None
+        if isinstance(e, AdapterError):
+            raise
         raise CorruptFileError(f"{WEIGHTS_NAME} is not a valid safetensors file ({e})") from None
     for name, t in tensors.items():
         if t.dtype not in DTYPES:
@@ -288,11 +419,11 @@ def _parse_weights(data: bytes) -> dict[str, torch.Tensor]:
 def _check_block_id(block_id: str, table: BlockTable | None) -> None:
     if table is not None:
         if block_id not in table:
-            raise UnknownBlockError(f"block {block_id!r} does not exist in this base model")
+            raise UnknownBlockError(f"block {block_id[:80]!r} does not exist in this base model")
         return
     parts = block_id.split(".")
-    if len(parts) != 3 or parts[0] not in ("vision", "text") or not parts[1].isdigit() or parts[2] not in KINDS:
-        raise UnknownBlockError(f"{block_id!r} is not a block id (<vision|text>.<layer>.<{'|'.join(KINDS)}>)")
+    if len(parts) != 3 or parts[0] not in ("vision", "text") or not parts[1].isdecimal() or len(parts[1]) > 4 or parts[2] not in KINDS:
+        raise UnknownBlockError(f"{block_id[:80]!r} is not a block id (<vision|text>.<layer>.<{'|'.join(KINDS)}>)")
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:

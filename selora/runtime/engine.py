@@ -5,8 +5,11 @@ takes queued jobs up to ``max_batch_size`` rows, waiting at most ``max_wait_ms``
 oldest job arrived for the batch to fill, and runs the batch on the single forward thread: per
 modality one forward, its rows grouped by adapter (``plan_rows``) and its per-layer metadata
 built once (``build_batch``), through ``selora.runtime.batch.forward_mixed``.
-Image decoding and preprocessing run on a separate thread pool, never on the event loop. The
-queue is bounded in rows: a request that does not fit is refused with ``OverloadedError``.
+Image decoding and preprocessing run on a ``FairDecoder`` (a few threads shared fairly between
+requests, by decode cost), never on the event loop. The queue is bounded in rows: a request
+that does not fit is refused with ``OverloadedError``. A job whose rows come out non-finite
+fails alone with ``NonFiniteOutputError`` naming its adapter; the other jobs of its batch are
+answered as usual.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from selora.models.factory import Backbone
 from selora.models.prompts import zero_shot_weights
 from selora.kernels.config import KernelConfig
 from selora.runtime.batch import forward_mixed
-from selora.runtime.inputs import InputError, Limits, preprocess_images, tokenize_texts
+from selora.runtime.decode import FairDecoder
+from selora.runtime.inputs import InputError, Limits, decode_image, open_images, tokenize_texts
 from selora.runtime.registry import AdapterRecord, AdapterRegistry
 from selora.runtime.slots import DeviceAdapter
 
@@ -51,6 +55,10 @@ class EngineStoppedError(RuntimeError):
 
 class NoClassifierError(InputError):
     """Classification asked of a model that has neither labels to use nor a head."""
+
+
+class NonFiniteOutputError(ValueError):
+    """A forward under an adapter produced NaN or Inf; the message names the adapter."""
 
 
 @dataclass
@@ -87,7 +95,7 @@ class Engine:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="selora-forward")
-        self._decode_pool = ThreadPoolExecutor(2, thread_name_prefix="selora-decode")
+        self._decoder = FairDecoder(threads=2, reserved_small=1)
         self._zero_shot: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         inject(backbone)
 
@@ -112,7 +120,7 @@ class Engine:
                 pass
             self._loop_task = None
         self._forward_pool.shutdown(wait=True)
-        self._decode_pool.shutdown(wait=True)
+        self._decoder.close()
 
     # -- public calls -------------------------------------------------------------------
     async def embed(self, model: str, modality: str, inputs: list, normalize: bool = False) -> torch.Tensor:
@@ -145,6 +153,8 @@ class Engine:
                 weights = await asyncio.get_running_loop().run_in_executor(self._forward_pool, self._zero_shot_weights, record, tuple(labels))
                 scale = self.backbone.model.logit_scale.exp().float() if hasattr(self.backbone.model, "logit_scale") else 100.0
                 logits, classes = scale * F.normalize(emb.float(), dim=-1) @ weights.t(), labels
+            if not torch.isfinite(logits).all():
+                raise _non_finite(record)
         finally:
             self._unpin(record)
         probs = logits.softmax(dim=-1)
@@ -155,18 +165,21 @@ class Engine:
     async def _prepare(self, modality: str, inputs: list, model: str) -> torch.Tensor:
         if model != BASE:
             self.registry.get(model)  # an unknown adapter is a 404 before any image is decoded
-        if modality == "image":
-            fn = preprocess_images
-        elif modality == "text":
-            fn = tokenize_texts
-        else:
+        if modality == "text":
+            return await self._decoder.run(tokenize_texts, self.backbone, inputs, self.limits)
+        if modality != "image":
             raise InputError(f"modality must be 'image' or 'text', got {modality!r}")
-        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, fn, self.backbone, inputs, self.limits)
+        images = await self._decoder.run(open_images, inputs, self.limits)  # headers only: costs bounded first
+        pixels = await self._decoder.map(self._preprocess, [(img,) for img in images], [img.width * img.height for img in images])
+        return torch.stack(pixels).to(self.backbone.dtype)
+
+    def _preprocess(self, img) -> torch.Tensor:
+        return self.backbone.preprocess(decode_image(img))
 
     async def _pin(self, model: str) -> AdapterRecord | None:
         if model == BASE:
             return None
-        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self.registry.pin, model)
+        return await self._decoder.run(self.registry.pin, model)
 
     def _unpin(self, record: AdapterRecord | None) -> None:
         if record is not None:
@@ -248,7 +261,7 @@ class Engine:
         inputs = torch.cat([j.inputs for j in jobs]).to(self.backbone.device)
         self.on_batch(modality, inputs.shape[0])
         out = self._encode(modality, inputs, adapters, row_adapter).cpu()
-        return list(out.split([j.rows for j in jobs]))
+        return [o if torch.isfinite(o).all() else _non_finite(j.record) for j, o in zip(jobs, out.split([j.rows for j in jobs]))]
 
     def _encode(self, modality: str, inputs: torch.Tensor, adapters: list[DeviceAdapter], row_adapter: list[int]) -> torch.Tensor:
         return forward_mixed(self.backbone, inputs, adapters, row_adapter, modality, self.config)  # metadata built once per batch
@@ -267,3 +280,8 @@ class Engine:
                 self._zero_shot.popitem(last=False)
         self._zero_shot.move_to_end(key)
         return self._zero_shot[key]
+
+
+def _non_finite(record: AdapterRecord | None) -> NonFiniteOutputError:
+    what = "the base model" if record is None else f"adapter {record.name!r}"
+    return NonFiniteOutputError(f"{what} produced non-finite values (NaN or Inf) for this input")

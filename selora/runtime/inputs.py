@@ -48,6 +48,13 @@ class Limits:
     max_inputs: int = 64  # inputs per request
     max_image_pixels: int = 4096 * 4096  # width x height of one decoded image
     max_text_chars: int = 2048  # characters of one text
+    max_image_aspect: float = 16.0  # long side / short side of one image
+    max_request_pixels: int = 4 * 4096 * 4096  # decoded pixels of all images of one request
+
+
+# Formats whose decoders are plain and bounded by the pixel count (no EPS/Ghostscript, no
+# multi-codec TIFF, no PSD layers).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 def check_count(inputs: list, limits: Limits) -> None:
@@ -57,11 +64,13 @@ def check_count(inputs: list, limits: Limits) -> None:
         raise TooManyInputsError(f"{len(inputs)} inputs in one request; the limit is {limits.max_inputs}")
 
 
-def decode_image(data: str, limits: Limits) -> Image.Image:
-    """A base64 data URI (``data:image/png;base64,...``) or bare base64 string as an RGB image.
+def open_image(data: str, limits: Limits) -> Image.Image:
+    """A base64 data URI (``data:image/png;base64,...``) or bare base64 string, opened but not
+    decoded: only its header is read, and its cost is bounded before any pixel is decoded.
 
-    The header's size is checked against ``max_image_pixels`` before any pixel is decoded, so a
-    decompression bomb costs nothing.
+    The decoded size is bounded by ``max_image_pixels``; the resized size by
+    ``max_image_aspect`` (an eval transform resizes the short side to its input size ``S``, so
+    an image becomes at most ``S² · max_image_aspect`` pixels before its crop).
     """
     if not isinstance(data, str):
         raise ImageDecodeError("an image input must be a base64 string")
@@ -76,23 +85,46 @@ def decode_image(data: str, limits: Limits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
-            width, height = img.size
-            if width * height > limits.max_image_pixels:
-                raise ImageTooLargeError(f"image is {width}x{height} pixels; the limit is {limits.max_image_pixels} pixels")
+            img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLargeError(f"image rejected as a decompression bomb; the limit is {limits.max_image_pixels} pixels") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(f"not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise ImageDecodeError("cannot read the image header (corrupt or truncated)") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image is {width}x{height} pixels")
+    if width * height > limits.max_image_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} pixels; the limit is {limits.max_image_pixels} pixels")
+    if max(width, height) > limits.max_image_aspect * min(width, height):
+        raise ImageTooLargeError(f"image is {width}x{height} pixels; the aspect ratio limit is {limits.max_image_aspect:g}:1")
+    return img
+
+
+def open_images(images: list[str], limits: Limits) -> list[Image.Image]:
+    """Every image of one request opened (headers only), the request's total bounded."""
+    check_count(images, limits)
+    opened = [open_image(s, limits) for s in images]
+    total = sum(img.width * img.height for img in opened)
+    if total > limits.max_request_pixels:
+        raise ImageTooLargeError(f"the request's images hold {total} pixels; the limit is {limits.max_request_pixels} per request")
+    return opened
+
+
+def decode_image(img: Image.Image) -> Image.Image:
+    """Decode an image from ``open_image`` as RGB (its cost already bounded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return img.convert("RGB")
-    except ImageTooLargeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageTooLargeError(f"image rejected as a decompression bomb: {e}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable/truncated files
-        raise ImageDecodeError(f"cannot decode image: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise ImageDecodeError("cannot decode the image (corrupt or truncated)") from None
 
 
 def preprocess_images(backbone: Backbone, images: list[str], limits: Limits) -> torch.Tensor:
     """``[n, 3, H, W]``: decoded images through the backbone's own eval transform."""
-    check_count(images, limits)
-    return torch.stack([backbone.preprocess(decode_image(s, limits)) for s in images]).to(backbone.dtype)
+    return torch.stack([backbone.preprocess(decode_image(img)) for img in open_images(images, limits)]).to(backbone.dtype)
 
 
 def tokenize_texts(backbone: Backbone, texts: list[str], limits: Limits) -> torch.Tensor:

@@ -34,10 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, AdapterNotFoundError, SparseAdapter, parse_adapter
+from selora.adapters.format import (
+    CONFIG_NAME, WEIGHTS_NAME, AdapterError, AdapterNotFoundError, ServingTarget, SparseAdapter, parse_adapter,
+)
 from selora.adapters.peft import as_selora_files
 from selora.models.blocks import BlockTable
 from selora.models.factory import Backbone
+from selora.runtime.paths import UnsafePathError, resolve_inside
 from selora.runtime.slots import DeviceAdapter, DeviceSlots, DeviceSlotsFullError
 from selora.runtime.store import AdapterStore, Entry, StoreError, valid_name
 
@@ -51,10 +54,6 @@ class RegistryError(Exception):
 
 
 class InvalidAdapterNameError(RegistryError):
-    pass
-
-
-class UnsafePathError(RegistryError):
     pass
 
 
@@ -124,23 +123,9 @@ def adapter_info(adapter: SparseAdapter) -> dict:
     }
 
 
-def resolve_inside(root: Path, path: str) -> Path:
-    """``path`` relative to ``root``, checked to stay inside it (symlinks resolved)."""
-    if not isinstance(path, str) or not path or os.path.isabs(path) or ".." in Path(path).parts:
-        raise UnsafePathError(f"adapter path {path!r} must be relative to the import root, without '..'")
-    resolved = (root / path).resolve()
-    if resolved != root and root not in resolved.parents:
-        raise UnsafePathError(f"adapter path {path!r} leaves the import root")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        f = resolved / name
-        if f.exists() and root not in f.resolve().parents:
-            raise UnsafePathError(f"{path}/{name} is a link that leaves the import root")
-    return resolved
-
-
 def read_adapter_dir(root: Path, path: str) -> tuple[bytes, bytes]:
     """The two files of the adapter directory ``path`` under ``root``; messages name ``path`` only."""
-    directory = resolve_inside(root, path)
+    directory = resolve_inside(root, path, (CONFIG_NAME, WEIGHTS_NAME))
     files = []
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
@@ -149,19 +134,21 @@ def read_adapter_dir(root: Path, path: str) -> tuple[bytes, bytes]:
     return files[0], files[1]
 
 
-def import_tree(store: AdapterStore, root: str | Path, tenant: str, table: BlockTable | None = None) -> list[str]:
-    """Copy every valid adapter directory under ``root`` into the store as ``tenant/<dir name>``;
-    a bad one is logged and skipped. Returns the names imported."""
+def import_tree(store: AdapterStore, root: str | Path, tenant: str, table: BlockTable | None = None,
+                serving: ServingTarget | None = None) -> list[str]:
+    """Copy every valid adapter directory under ``root`` into the store as ``tenant/<dir name>``
+    (validated against ``table`` and, when given, proven to serve on ``serving``); a bad one is
+    logged and skipped. Returns the names imported."""
     root, imported = Path(root).resolve(), []
     validate_name(tenant, "tenant name")
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
             validate_name(d.name)
             config, weights = read_adapter_dir(root, d.name)
-            adapter = parse_adapter(config, weights, table)
+            adapter = parse_adapter(config, weights, table, serving)
             store.put_adapter(tenant, d.name, config, weights, adapter_info(adapter))
             imported.append(d.name)
-        except (AdapterError, RegistryError, StoreError) as e:
+        except (AdapterError, RegistryError, UnsafePathError, StoreError) as e:
             log.warning("not importing adapter directory %s: %s", d.name, e)
     return imported
 
@@ -200,6 +187,7 @@ class AdapterRegistry:
     def __init__(self, backbone: Backbone, store: AdapterStore, host_budget: int, device_budget: int,
                  listener: Callable[[str, str], None] | None = None, import_root: str | Path | None = None):
         self.backbone = backbone
+        self.serving = ServingTarget.of(backbone)  # every adapter is proven to serve on it before it registers
         self.store = store
         self.import_root = Path(import_root).resolve() if import_root is not None else None
         self.host = LRUCache(host_budget)
@@ -248,7 +236,7 @@ class AdapterRegistry:
         validate_name(tenant, "tenant name")
         validate_name(name)
         config_bytes, weights_bytes = as_selora_files(config_bytes, weights_bytes, self.backbone)  # PEFT: converted
-        adapter = parse_adapter(config_bytes, weights_bytes, self.backbone.blocks)
+        adapter = parse_adapter(config_bytes, weights_bytes, self.backbone.blocks, self.serving)
         self._check_fits(adapter)
         with self._write_lock:
             entry, _ = self.store.put_adapter(tenant, name, config_bytes, weights_bytes, adapter_info(adapter))
@@ -412,8 +400,8 @@ class AdapterRegistry:
 
     def _ensure_host(self, record: AdapterRecord) -> None:
         if record.sparse is None:
-            adapter = parse_adapter(record.entry.config, self.store.read_blob(record.entry.sha256), self.backbone.blocks)
-            self._make_host_room(adapter.nbytes)
+        config_bytes, weights_bytes = as_selora_files(config_bytes, weights_bytes, self.backbone)  # PEFT: converted
+        adapter = parse_adapter(config_bytes, weights_bytes, self.backbone.blocks, self.serving)
             record.sparse = adapter
             self.listener("load", "host")
         self.host.touch(record.key, record.host_nbytes)

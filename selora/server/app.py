@@ -23,8 +23,9 @@ from selora.runtime.engine import Engine
 from selora.runtime.registry import AdapterRegistry, import_tree
 from selora.runtime.store import DEFAULT_TENANT, AdapterStore
 from selora.runtime.warmup import warm_up
-from selora.server import errors
+from selora.server import errors, openapi
 from selora.server.auth import Authenticate, OriginGate
+from selora.server.body import BodyGate
 from selora.server.metrics import Metrics
 from selora.server.routes import router
 from selora.server.settings import MiB, Settings
@@ -76,7 +77,7 @@ def _import_once(registry: AdapterRegistry, settings: Settings) -> None:
     root = registry.import_root
     if root is None or not root.is_dir() or registry.store.imported(str(root)):
         return
-    names = import_tree(registry.store, root, DEFAULT_TENANT, registry.backbone.blocks)
+    names = import_tree(registry.store, root, DEFAULT_TENANT, registry.backbone.blocks, registry.serving)
     registry.store.mark_imported(str(root))
     if names:
         log.warning("imported %d adapters from %s into the store as tenant %r, once: later changes there are not "
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine, app.state.metrics, app.state.settings, app.state.load_error = engine, metrics, settings, None
     app.state.store = store
     errors.install(app, metrics.on_error)
+    openapi.install(app)
     app.include_router(router)
 
     @app.middleware("http")
@@ -124,7 +126,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         metrics.latency.labels(getattr(route, "path", "unmatched")).observe(time.perf_counter() - started)
         return response
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyGate, max_bytes=settings.max_body_bytes, on_error=metrics.on_error)
     app.add_middleware(Authenticate, store=store, on_request=metrics.on_request, on_error=metrics.on_error)
     app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                        allow_headers=["Authorization", "Content-Type"], max_age=600)
@@ -143,31 +145,3 @@ async def _load(app: FastAPI, settings: Settings, metrics: Metrics, store: Adapt
     app.state.engine = engine
     log.info("ready")
 
-
-class BodyLimit:
-    """ASGI middleware: a body over ``max_bytes`` (declared or streamed) gets 413."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise errors.PayloadTooLargeError(f"request body over the limit of {self.max_bytes} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    async def _reject(self, scope, receive, send):
-        response = errors.error_response(413, "payload_too_large", f"request body over the limit of {self.max_bytes} bytes")
-        await response(scope, receive, send)

@@ -4,16 +4,18 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from selora import safejson
 from selora.adapters.format import AdapterError, AdapterNotFoundError, BaseModelMismatchError
 from selora.models.factory import ModelError
-from selora.runtime import inputs, registry, store
-from selora.runtime.engine import EngineStoppedError, NoClassifierError, OverloadedError
+from selora.runtime import inputs, paths, registry, store
+from selora.runtime.engine import EngineStoppedError, NoClassifierError, NonFiniteOutputError, OverloadedError
 from selora.runtime.slots import DeviceSlotsFullError
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ ERRORS: dict[type[BaseException], tuple[int, str]] = {
     store.StorageQuotaError: (403, "storage_quota_exceeded"),
     registry.UnknownAdapterError: (404, "adapter_not_found"),
     registry.InvalidAdapterNameError: (422, "invalid_adapter_name"),
-    registry.UnsafePathError: (422, "unsafe_path"),
+    paths.UnsafePathError: (422, "unsafe_path"),
     registry.AdapterTooLargeError: (413, "adapter_too_large"),
     AdapterNotFoundError: (404, "adapter_files_not_found"),
     BaseModelMismatchError: (422, "base_model_mismatch"),
@@ -55,9 +57,13 @@ ERRORS: dict[type[BaseException], tuple[int, str]] = {
     inputs.EmptyInputError: (400, "empty_input"),
     inputs.UnsupportedModalityError: (422, "unsupported_modality"),
     NoClassifierError: (422, "no_classifier"),
+    NonFiniteOutputError: (422, "non_finite_output"),
     inputs.InputError: (422, "invalid_input"),
     ModelError: (422, "unsupported_model"),
     PayloadTooLargeError: (413, "payload_too_large"),
+    safejson.JSONEncodingError: (400, "invalid_encoding"),
+    safejson.JSONLimitError: (413, "json_too_complex"),
+    safejson.JSONInputError: (422, "invalid_json"),
     RequestValidationError: (422, "invalid_request"),
     OverloadedError: (429, "overloaded"),
     NotReadyError: (503, "not_ready"),
@@ -73,8 +79,19 @@ def status_of(exc: BaseException) -> tuple[int, str]:
     return 500, "internal_error"
 
 
+_OBJECT_REPR = re.compile(r"<[^<>\n]{0,200}? at 0x[0-9a-fA-F]+>")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])(?:/[\w.@+-]+){2,}/?")
+MAX_MESSAGE_CHARS = 500
+
+
+def public_message(message: str) -> str:
+    """``message`` without object reprs or absolute paths (a library's message may hold either), shortened."""
+    message = _ABSOLUTE_PATH.sub("<path>", _OBJECT_REPR.sub("<object>", message))
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
 def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+    return JSONResponse({"error": {"type": kind, "message": public_message(message)}}, status_code=status, headers=headers)
 
 
 def install(app: FastAPI, on_error=lambda kind: None) -> None:

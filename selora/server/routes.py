@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +14,7 @@ from selora.runtime.registry import AdapterRecord
 from selora.runtime.store import Caller
 from selora.server import schemas
 from selora.server.auth import can_use, get_caller, require_admin, shown_name, usable, writable
+from selora.server.body import decode_json
 from selora.server.errors import NotReadyError
 
 router = APIRouter()
@@ -121,9 +121,7 @@ async def load_adapter(request: Request, engine: Engine = Depends(get_engine), c
     else:
         require_admin(caller)  # the JSON form reads the server's disk
         try:
-            body = schemas.LoadAdapterRequest.model_validate(json.loads(await request.body()))
-        except json.JSONDecodeError as e:
-            raise InputError(f"body is not JSON: {e}") from None
+            body = schemas.LoadAdapterRequest.model_validate(decode_json(await request.body()))
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
         tenant, name = writable(caller, body.name)

@@ -129,3 +129,14 @@ class ModelsResponse(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="machine-readable error kind, e.g. invalid_image, adapter_not_found, payload_too_large")
+    message: str = Field(description="what was wrong, for a person; never a server path")
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape of every route (DESIGN.md, REST contract)."""
+
+    error: ErrorDetail

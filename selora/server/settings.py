@@ -48,6 +48,8 @@ class Settings:
     max_inputs: int = 64  # inputs per request (413 beyond)
     max_image_pixels: int = 4096 * 4096  # decoded image width x height (413 beyond)
     max_text_chars: int = 2048  # characters per text (413 beyond)
+    max_image_aspect: float = 16.0  # long side / short side of one image (413 beyond)
+    max_request_pixels: int = 4 * 4096 * 4096  # decoded pixels of all images of one request (413 beyond)
     ray: bool = False  # serve on Ray Serve: an ingress and engine replicas (extra [ray])
     replicas: int = 2  # engine replicas with --ray
     autoscale: str = ""  # MIN:MAX engine replicas with --ray, instead of a fixed number
@@ -55,7 +57,7 @@ class Settings:
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_inputs, self.max_image_pixels, self.max_text_chars)
+        return Limits(self.max_inputs, self.max_image_pixels, self.max_text_chars, self.max_image_aspect, self.max_request_pixels)
 
     @property
     def allowed_origins(self) -> tuple[str, ...]:
@@ -146,6 +148,8 @@ HELP = {
     "max_inputs": "inputs per request (413)",
     "max_image_pixels": "pixels of one decoded image (413)",
     "max_text_chars": "characters of one text (413)",
+    "max_image_aspect": "long side / short side of one image (413)",
+    "max_request_pixels": "decoded pixels of all images of one request (413)",
     "ray": "serve on Ray Serve: one ingress (this API) and engine replicas sharing the store (pip install 'selora[ray]')",
     "replicas": "engine replicas with --ray (each loads the base model)",
     "autoscale": "MIN:MAX engine replicas with --ray, scaled by Ray Serve on load (instead of --replicas)",

@@ -58,7 +58,7 @@ def test_load_by_path_and_its_errors(vit_client, vit_root, tiny_vit, tiny_clip):
     _error(vit_client.post("/v1/adapters", json={"name": "n", "path": "missing"}), 404, "adapter_files_not_found")
     _error(vit_client.post("/v1/adapters", json={"name": "../n", "path": "later"}), 422, "invalid_adapter_name")
     _error(vit_client.post("/v1/adapters", json={"name": "n"}), 422, "invalid_request")
-    _error(vit_client.post("/v1/adapters", content=b"{oops", headers={"content-type": "application/json"}), 422, "invalid_input")
+    _error(vit_client.post("/v1/adapters", content=b"{oops", headers={"content-type": "application/json"}), 422, "invalid_json")
     write_adapter(tiny_clip, vit_root, "clip_one", active=list(tiny_clip.blocks)[:1])
     _error(vit_client.post("/v1/adapters", json={"name": "n", "path": "clip_one"}), 422, "base_model_mismatch")
     assert [a["name"] for a in vit_client.get("/v1/adapters").json()["data"]] == ["a1", "fresh", "headed"]
