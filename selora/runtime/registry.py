@@ -400,8 +400,8 @@ class AdapterRegistry:
 
     def _ensure_host(self, record: AdapterRecord) -> None:
         if record.sparse is None:
-        config_bytes, weights_bytes = as_selora_files(config_bytes, weights_bytes, self.backbone)  # PEFT: converted
-        adapter = parse_adapter(config_bytes, weights_bytes, self.backbone.blocks, self.serving)
+            adapter = parse_adapter(record.entry.config, self.store.read_blob(record.entry.sha256), self.backbone.blocks, self.serving)
+            self._make_host_room(adapter.nbytes)
             record.sparse = adapter
             self.listener("load", "host")
         self.host.touch(record.key, record.host_nbytes)
