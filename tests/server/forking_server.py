@@ -17,8 +17,13 @@ from selora.server.app import build_engine, create_app
 from tests.helpers import make_settings
 
 
+async def _no_app(scope, receive, send) -> None:
+    pass
+
+
 def main(store: str, root: str) -> None:
     backbone = load_backbone("tiny-vit")
+    uvicorn.Config(_no_app, log_level="warning").load()  # imports uvicorn's protocol modules once, before the forks
     for line in sys.stdin:
         while True:  # reap killed children
             try:
