@@ -33,7 +33,8 @@ from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
 from selora.adapters.peft import from_peft, merged_state_dict, plain_state_dict, prune, to_peft, to_selora_files
 from selora.models import load_backbone
 from selora.models.dinov2 import DINOV2_ARCH, DINOV2_KWARGS
-from selora.runtime.batch import forward_mixed, to_device
+from selora.runtime.batch import forward_mixed
+from selora.runtime.slots import DeviceSlots
 
 RESULTS = Path(__file__).parent / "results"
 CASES = [  # (model id, variant, PEFT LoraConfig)
@@ -84,7 +85,7 @@ def run_case(bb, variant, config, x) -> dict:
     with model.disable_adapter():
         effect = relative_error(expected, encode(bb, model, x))
     adapter = from_peft(*peft_files, bb)
-    served = forward_mixed(bb, x, [to_device(adapter, bb)], [0] * len(x))
+    served = forward_mixed(bb, x, [DeviceSlots.holding(bb, [adapter]).load(adapter)], [0] * len(x))
     cfg, tensors = to_peft(adapter, bb)
     with tempfile.TemporaryDirectory() as tmp:
         save_file(tensors, Path(tmp) / WEIGHTS_NAME)

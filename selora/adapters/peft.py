@@ -189,7 +189,7 @@ def from_peft(config_bytes: bytes, weights_bytes: bytes, backbone: Backbone) -> 
     cfg = _peft_config(config_bytes)
     dora = bool(cfg.get("use_dora"))
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in _parse_weights(weights_bytes).items():
+    for key, tensor in _parse_weights(weights_bytes, 3 * len(backbone.blocks) + 2).items():  # A, B, magnitude per site + head
         module, part = _split_key(key)
         groups.setdefault(module, {})[part] = tensor.float()
     head = groups.pop(HEAD, None)

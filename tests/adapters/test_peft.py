@@ -25,7 +25,8 @@ from selora.adapters.peft import (
     to_peft,
     to_selora_files,
 )
-from selora.runtime.batch import forward_mixed, to_device
+from selora.runtime.batch import forward_mixed
+from selora.runtime.slots import DeviceSlots
 from tests.helpers import make_adapter
 
 TINY_VIT = json.loads(open("selora/models/configs/tiny-vit.json").read())
@@ -47,7 +48,7 @@ def images(n=3, seed=0):
 
 def served(bb, adapter, modality="image"):
     x = images() if modality == "image" else bb.tokenize(["a photo of a cat", "a dog", "two birds on a wire"])
-    return forward_mixed(bb, x, [to_device(adapter, bb)], [0] * len(x), modality=modality)
+    return forward_mixed(bb, x, [DeviceSlots.holding(bb, [adapter]).load(adapter)], [0] * len(x), modality=modality)
 
 
 @torch.no_grad()
