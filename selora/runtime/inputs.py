@@ -89,10 +89,12 @@ def decode_image(data: str, limits: Limits) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image: {e}") from None
 
 
-def preprocess_images(backbone: Backbone, images: list[str], limits: Limits) -> torch.Tensor:
-    """``[n, 3, H, W]``: decoded images through the backbone's own eval transform."""
+def preprocess_images(backbone: Backbone, images: list[str], limits: Limits, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[n, 3, H, W]``: decoded images through the model library's own eval transform at ``size``
+    (default: the size the backbone is built at)."""
     check_count(images, limits)
-    return torch.stack([backbone.preprocess(decode_image(s, limits)) for s in images]).to(backbone.dtype)
+    transform = backbone.sizes.transform(size or backbone.input_size)
+    return torch.stack([transform(decode_image(s, limits)) for s in images]).to(backbone.dtype)
 
 
 def tokenize_texts(backbone: Backbone, texts: list[str], limits: Limits) -> torch.Tensor:

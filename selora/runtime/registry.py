@@ -34,6 +34,7 @@ from typing import Callable
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, AdapterNotFoundError, SparseAdapter, parse_adapter
 from selora.models.blocks import BlockTable
 from selora.models.factory import Backbone
+from selora.models.resolution import InputSizeError
 from selora.runtime.batch import DeviceAdapter, to_device
 from selora.runtime.store import AdapterStore, Entry, StoreError, valid_name
 
@@ -60,6 +61,10 @@ class UnknownAdapterError(RegistryError):
 
 class AdapterTooLargeError(RegistryError):
     pass
+
+
+class UnsupportedInputSizeError(RegistryError):
+    """The adapter was trained at an input size this base cannot run at."""
 
 
 @dataclass(eq=False)
@@ -117,6 +122,7 @@ def adapter_info(adapter: SparseAdapter) -> dict:
         "head_input": adapter.head_input if adapter.head_classes else None,
         "base_model": adapter.base_model,
         "base_fingerprint": adapter.base_fingerprint,
+        "input_size": None if adapter.input_size is None else list(adapter.input_size),  # None: the base's size
     }
 
 
@@ -262,6 +268,11 @@ class AdapterRegistry:
     def _check_fits(self, adapter: SparseAdapter) -> None:
         if adapter.nbytes > self.host.budget:
             raise AdapterTooLargeError(f"adapter needs {adapter.nbytes} bytes, more than the host cache budget {self.host.budget}")
+        if adapter.input_size is not None:
+            try:
+                self.backbone.sizes.check(adapter.input_size)
+            except InputSizeError as e:
+                raise UnsupportedInputSizeError(f"adapter trained at {list(adapter.input_size)} px: {e}") from None
 
     def delete(self, tenant: str, name: str) -> None:
         """Delete ``tenant/name`` from the store and unregister it; in-flight requests finish normally."""
@@ -368,6 +379,7 @@ class AdapterRegistry:
         with self._lock:
             out = []
             for record in records:
+                self.listener("miss" if record.device is None else "hit", "device")
                 if record.device is None:
                     self._ensure_host(record)
                     dev = to_device(record.sparse, self.backbone)
@@ -379,6 +391,7 @@ class AdapterRegistry:
             return out
 
     def _ensure_host(self, record: AdapterRecord) -> None:
+        self.listener("miss" if record.sparse is None else "hit", "host")
         if record.sparse is None:
             adapter = parse_adapter(record.entry.config, self.store.read_blob(record.entry.sha256), self.backbone.blocks)
             self._make_room(self.host, adapter.nbytes, "host")

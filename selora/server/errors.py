@@ -14,6 +14,7 @@ from selora.adapters.format import AdapterError, AdapterNotFoundError, BaseModel
 from selora.models.factory import ModelError
 from selora.runtime import inputs, registry, store
 from selora.runtime.engine import EngineStoppedError, NoClassifierError, OverloadedError
+from selora.server import openai_compat
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ ERRORS: dict[type[BaseException], tuple[int, str]] = {
     registry.InvalidAdapterNameError: (422, "invalid_adapter_name"),
     registry.UnsafePathError: (422, "unsafe_path"),
     registry.AdapterTooLargeError: (413, "adapter_too_large"),
+    registry.UnsupportedInputSizeError: (422, "unsupported_input_size"),
     AdapterNotFoundError: (404, "adapter_files_not_found"),
     BaseModelMismatchError: (422, "base_model_mismatch"),
     AdapterError: (422, "invalid_adapter"),
@@ -54,6 +56,8 @@ ERRORS: dict[type[BaseException], tuple[int, str]] = {
     inputs.EmptyInputError: (400, "empty_input"),
     inputs.UnsupportedModalityError: (422, "unsupported_modality"),
     NoClassifierError: (422, "no_classifier"),
+    openai_compat.UrlInputError: (422, "url_not_fetched"),
+    openai_compat.DimensionsError: (422, "unsupported_dimensions"),
     inputs.InputError: (422, "invalid_input"),
     ModelError: (422, "unsupported_model"),
     PayloadTooLargeError: (413, "payload_too_large"),
