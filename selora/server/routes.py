@@ -103,7 +103,8 @@ def _model_entry(engine: Engine, caller: Caller, record: AdapterRecord | None) -
 
 def _info(engine: Engine, caller: Caller, record: AdapterRecord) -> dict:
     d = engine.registry.describe(record)
-    return {**d, "name": shown_name(caller, record.tenant, record.name), "num_active": len(d["active_blocks"])}
+    return {**d, "name": shown_name(caller, record.tenant, record.name), "num_active": len(d["active_blocks"]),
+            "input_size": list(engine.input_size(record))}
 
 
 @router.get("/v1/adapters", response_model=schemas.AdapterList, tags=["adapters"])

@@ -154,7 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     named = ", ".join(f"{m} (random weights)" if has_random_weights(m) else m for m in list_models())
     for f in fields(Settings):
         flag, env_help = f"--{f.name.replace('_', '-')}", f"env SELORA_{f.name.upper()}"
-        text = HELP[f.name].format(named=named)
+        text = HELP[f.name].replace("{named}", named)
         if str(f.type) == "bool":
             parser.add_argument(flag, action="store_const", const=True, default=None, help=f"{text} ({env_help})")
         else:

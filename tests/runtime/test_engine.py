@@ -95,8 +95,8 @@ def test_one_cycle_with_two_input_sizes_runs_one_forward_per_size(tmp_path, tiny
     imgs = [image_b64(i) for i in range(5)]
 
     async def calls():
-        return await asyncio.gather(engine.embed("small", "image", imgs[:2]), engine.embed("full", "image", imgs[2:4]),
-                                    engine.embed("base", "image", imgs[4:]), engine.embed("small", "image", imgs[4:]))
+        return await asyncio.gather(engine.embed("default/small", "image", imgs[:2]), engine.embed("default/full", "image", imgs[2:4]),
+                                    engine.embed("base", "image", imgs[4:]), engine.embed("default/small", "image", imgs[4:]))
 
     s1, f, b, s2 = asyncio.run(_running(engine, calls))
     assert sorted(batches) == [("image", 3), ("image", 3)]  # one cycle: 16x24 rows and 32x32 rows apart

@@ -39,8 +39,8 @@ def test_request_counts_cache_lookups_and_lora_requests_info(vit_root, tiny_vit)
 
     during, after = run_with_client(app, scenario)
     route = "/v1/embeddings"
-    assert _value(after, "selora_requests_total", adapter="a1", route=route, status="200") == 3
-    assert _value(after, "selora_requests_total", adapter="a1", route=route, status="400") == 1
+    assert _value(after, "selora_requests_total", adapter="default/a1", route=route, status="200") == 3
+    assert _value(after, "selora_requests_total", adapter="default/a1", route=route, status="400") == 1
     assert _value(after, "selora_requests_total", adapter="unknown", route=route, status="404") == 2  # names never become labels
     assert _value(after, "selora_requests_total", adapter="base", route=route, status="200") == 2
     assert _value(after, "selora_adapter_cache_lookups_total", tier="device", result="miss") == 2  # a1, headed: first use
@@ -49,6 +49,6 @@ def test_request_counts_cache_lookups_and_lora_requests_info(vit_root, tiny_vit)
     info = re.search(r"selora_lora_requests_info\{(.*)\} \S+", during).group(1)
     labels = dict(re.findall(r'(\w+)="([^"]*)"', info))
     in_flight = set(filter(None, (labels["running_lora_adapters"] + "," + labels["waiting_lora_adapters"]).split(",")))
-    assert in_flight == {"a1", "base", "headed"} and labels["max_lora"] == "32"
+    assert in_flight == {"default/a1", "base", "default/headed"} and labels["max_lora"] == "32"
     idle = dict(re.findall(r'(\w+)="([^"]*)"', re.search(r"selora_lora_requests_info\{(.*)\} \S+", after).group(1)))
     assert idle["running_lora_adapters"] == idle["waiting_lora_adapters"] == ""
