@@ -47,10 +47,10 @@ def quick_backbone():
 
     from selora.models.blocks import build_block_table
     from selora.models.factory import Backbone
+    from selora.models.resolution import timm_eval_transform
 
     model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=64)
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 64, 64), "crop_pct": 1.0}
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    transform = timm_eval_transform(model, (64, 64))  # timm's own eval transform, as load_backbone builds it
     model.requires_grad_(False).eval()
     return Backbone(QUICK_MODEL, "timm", model, transform, build_block_table(model, "timm"), model.num_features)
 

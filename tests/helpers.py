@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 
 import httpx
 import numpy as np
@@ -82,3 +90,40 @@ def run_with_client(app, fn):
                 return await fn(client)
 
     return asyncio.run(main())
+
+
+@dataclass
+class Served:
+    url: str
+    returncode: int | None = None  # set once the process has stopped
+    output: str = ""  # its stdout and stderr, once stopped
+
+
+@contextlib.contextmanager
+def serving(*args: str, env: dict | None = None, ready_within: float = 120):
+    """``selora serve ARGS`` as a real uvicorn process on a free 127.0.0.1 port; yields a ``Served``
+    once ``/ready`` answers 200, then stops the process with SIGINT (its exit code and output land
+    on the ``Served``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "selora.cli", "serve", *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    served = Served(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + ready_within
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{served.url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.2)
+        yield served
+    finally:
+        proc.send_signal(signal.SIGINT)
+        served.output = proc.communicate(timeout=30)[0]
+        served.returncode = proc.returncode

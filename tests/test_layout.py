@@ -27,7 +27,7 @@ async def main():
     finally:
         await engine.stop()
 out = asyncio.run(main())
-print(len(out[0]))
+print(len(out.vectors[0]))
 """
 
 

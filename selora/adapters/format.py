@@ -149,6 +149,8 @@ class SparseAdapter:
     head_weight: torch.Tensor | None = None
     head_bias: torch.Tensor | None = None
     head_input: str = "raw"  # what the head applies to: one of HEAD_INPUTS
+    input_size: tuple[int, int] | None = None  # [H, W] it was trained at; None: the base's size
+    preprocessing: dict | None = None  # the eval transform at input_size, as recorded (informative)
 
     @property
     def scale(self) -> float:
@@ -184,7 +186,7 @@ class SparseAdapter:
             "blocks": list(self.blocks),
             "gate": self.gate,
             "head": None if self.head_classes is None else {"classes": self.head_classes, "input": self.head_input},
-        }
+        } | ({} if self.input_size is None else {"input_size": list(self.input_size), "preprocessing": self.preprocessing})
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def parse_adapter(
     adapter = SparseAdapter(
         cfg["base_model"], cfg["base_fingerprint"], variant, r, float(cfg["lora_alpha"]), blocks,
         cfg.get("gate") or {}, head["classes"] if head else None, weight, bias,
-        head.get("input", "raw") if head else "raw",
+        head.get("input", "raw") if head else "raw", cfg["input_size"], cfg.get("preprocessing"),
     )
     if serving is not None:
         check_serving(adapter, serving)
@@ -349,6 +351,13 @@ def _parse_config(data: bytes, table: BlockTable | None) -> dict:
     cfg.setdefault("head", None)
     if cfg["head"] is not None and not isinstance(cfg["head"], dict):
         raise ConfigFileError("head must be null or an object")
+    size = cfg.get("input_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        raise ConfigFileError(f"input_size must be [height, width] in pixels, got {size!r}")
+    cfg["input_size"] = None if size is None else tuple(size)
+    if not isinstance(cfg.get("preprocessing", {}), (dict, type(None))):
+        raise ConfigFileError("preprocessing must be an object")
     return cfg
 
 

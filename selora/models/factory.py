@@ -8,9 +8,7 @@ given, a model has random weights (named configs bring their own).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -24,12 +22,8 @@ from torch import nn
 
 from selora.models.attention import make_attention_explicit
 from selora.models.blocks import BlockTable, build_block_table
-
-DEFAULT_MODEL = "dinov2-small"
-
-
-class ModelError(ValueError):
-    """Unknown model id or unusable weights."""
+from selora.models.catalog import DEFAULT_MODEL, ModelError, named_config
+from selora.models.resolution import InputSizes, describe_transform, timm_eval_transform
 
 
 @dataclass
@@ -37,11 +31,25 @@ class Backbone:
     model_id: str
     library: str  # "timm" | "open_clip"
     model: nn.Module
-    preprocess: Callable  # PIL image -> float tensor [3, H, W], the library's own eval transform
+    preprocess: Callable  # PIL image -> float tensor [3, H, W], the library's own eval transform at the built size
     blocks: BlockTable
     embed_dim: int
     tokenizer: Callable | None = None
     meta: dict = field(default_factory=dict)
+    random_weights: bool = False  # no weights were loaded: random init (test models)
+
+    def __post_init__(self):
+        # the input sizes the vision tower runs at, fixed to the size it is built at now
+        self.sizes = InputSizes(self.library, self.model, self.preprocess)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.sizes.built
+
+    def preprocessing(self, size: tuple[int, int] | None = None) -> dict:
+        """The eval transform at ``size`` (default: the built size), as data."""
+        size = size or self.input_size
+        return {"input_size": list(size), **describe_transform(self.sizes.transform(size))}
 
     @property
     def fingerprint(self) -> str:
@@ -75,21 +83,6 @@ class Backbone:
         return self.tokenizer(texts)
 
 
-def _config_dir():
-    return resources.files("selora.models") / "configs"
-
-
-def list_models() -> list[str]:
-    return sorted(p.name[: -len(".json")] for p in _config_dir().iterdir() if p.name.endswith(".json"))
-
-
-def _named_config(name: str) -> dict:
-    path = _config_dir() / f"{name}.json"
-    if not path.is_file():
-        raise ModelError(f"unknown model {name!r}; named models: {list_models()}, or open_clip:<config>, timm:<name>")
-    return json.loads(path.read_text())
-
-
 def _resolve(model_id: str) -> dict:
     library, sep, name = model_id.partition(":")
     if sep and library == "open_clip":
@@ -98,7 +91,7 @@ def _resolve(model_id: str) -> dict:
         return {"library": "timm", "arch": name, "kwargs": {}}
     if sep:
         raise ModelError(f"unknown model library {library!r} in {model_id!r}: use open_clip:<config> or timm:<name>")
-    return _named_config(model_id)
+    return named_config(model_id)
 
 
 def _load_open_clip(model_id: str, cfg: dict, weights: str | None):
@@ -115,7 +108,7 @@ def _load_open_clip(model_id: str, cfg: dict, weights: str | None):
         raise ModelError(f"cannot load open_clip weights {weights!r} for {name}: {e}") from e
     tokenizer = open_clip.get_tokenizer(name)
     make_attention_explicit(model)
-    return model, preprocess, tokenizer, model.visual.output_dim
+    return model, preprocess, tokenizer, model.visual.output_dim, weights is None
 
 
 def _load_timm(cfg: dict, weights: str | None):
@@ -133,11 +126,10 @@ def _load_timm(cfg: dict, weights: str | None):
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ModelError(f"{source} does not fit timm {cfg['arch']}: {e}") from e
-    # Preprocessing follows the model as built (e.g. DINOv2 built at 224 px, not its 518 default).
-    size = model.patch_embed.img_size
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, *size), "crop_pct": 1.0}
-    data_cfg = timm.data.resolve_data_config({}, model=model)
-    return model, timm.data.create_transform(**data_cfg), None, model.num_features
+    # timm's eval transform (the model's own crop_pct) at the size the model is built at, not the
+    # size its pretrained config names (DINOv2: built at 224 px, not its 518 default).
+    preprocess = timm_eval_transform(model, tuple(model.patch_embed.img_size))
+    return model, preprocess, None, model.num_features, source is None
 
 
 # The dtypes a base can be loaded in, by the names settings and benchmarks use.
@@ -155,9 +147,9 @@ def load_backbone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # a model without weights is the same random model in every process (Ray replicas agree)
         if cfg["library"] == "open_clip":
-            model, preprocess, tokenizer, embed_dim = _load_open_clip(model_id, cfg, weights)
+            model, preprocess, tokenizer, embed_dim, random = _load_open_clip(model_id, cfg, weights)
         else:
-            model, preprocess, tokenizer, embed_dim = _load_timm(cfg, weights)
+            model, preprocess, tokenizer, embed_dim, random = _load_timm(cfg, weights)
     model.requires_grad_(False).eval().to(device=device, dtype=dtype)
     blocks = build_block_table(model, cfg["library"])
-    return Backbone(model_id, cfg["library"], model, preprocess, blocks, embed_dim, tokenizer, {"weights": weights})
+    return Backbone(model_id, cfg["library"], model, preprocess, blocks, embed_dim, tokenizer, {"weights": weights}, random)

@@ -3,8 +3,9 @@
 Requests (any adapter, or the base; images or texts) are queued as jobs. The batching loop
 takes queued jobs up to ``max_batch_size`` rows, waiting at most ``max_wait_ms`` after the
 oldest job arrived for the batch to fill, and runs the batch on the single forward thread: per
-modality one forward, its rows grouped by adapter (``plan_rows``) and its per-layer metadata
-built once (``build_batch``), through ``selora.runtime.batch.forward_mixed``.
+modality and input size one forward (an adapter's images run at the size it was trained at, the
+base's at the base's size), its rows grouped by adapter (``plan_rows``) and its per-layer
+metadata built once (``build_batch``), through ``selora.runtime.batch.forward_mixed``.
 Image decoding and preprocessing run on a ``FairDecoder`` (a few threads shared fairly between
 requests, by decode cost), never on the event loop. The queue is bounded in rows: a request
 that does not fit is refused with ``OverloadedError``. A job whose rows come out non-finite
@@ -15,6 +16,7 @@ answered as usual.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -33,7 +35,7 @@ from selora.kernels.config import KernelConfig
 from selora.runtime.batch import forward_mixed
 from selora.runtime.decode import FairDecoder
 from selora.runtime.inputs import InputError, Limits, decode_image, open_images, tokenize_texts
-from selora.runtime.registry import AdapterRecord, AdapterRegistry
+from selora.runtime.registry import AdapterRecord, AdapterRegistry, UnknownAdapterError
 from selora.runtime.slots import DeviceAdapter
 
 log = logging.getLogger(__name__)
@@ -66,12 +68,24 @@ class Job:
     modality: str  # "image" | "text"
     record: AdapterRecord | None  # None: the base model
     inputs: torch.Tensor  # [n, ...] preprocessed pixels or tokens
+    size: tuple[int, int] | None  # images: the input size they were preprocessed to
     future: asyncio.Future
     queued_at: float
 
     @property
     def rows(self) -> int:
         return self.inputs.shape[0]
+
+    @property
+    def shape_key(self) -> tuple:
+        """Jobs with the same key run in one forward."""
+        return (self.modality, self.size)
+
+
+@dataclass
+class Embeddings:
+    vectors: torch.Tensor  # [n, embed_dim], float32
+    tokens: int  # tokens processed: text tokens, or for images the image tokens at their size
 
 
 class Engine:
@@ -97,6 +111,8 @@ class Engine:
         self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="selora-forward")
         self._decoder = FairDecoder(threads=2, reserved_small=1)
         self._zero_shot: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.created = int(time.time())
+        self._running: list[Job] = []  # the batch in the forward thread now
         inject(backbone)
 
     # -- life ---------------------------------------------------------------------------
@@ -123,15 +139,38 @@ class Engine:
         self._decoder.close()
 
     # -- public calls -------------------------------------------------------------------
-    async def embed(self, model: str, modality: str, inputs: list, normalize: bool = False) -> torch.Tensor:
-        """``[n, embed_dim]`` embeddings of ``inputs`` under adapter ``model`` (or ``"base"``)."""
-        tensors = await self._prepare(modality, inputs, model)
+    async def embed(self, model: str, modality: str, inputs: list, normalize: bool = False) -> Embeddings:
+        """Embeddings of ``inputs`` under adapter ``model`` (or ``"base"``) and the tokens they took."""
         record = await self._pin(model)
         try:
-            out = await self._run(Job(modality, record, tensors, asyncio.get_running_loop().create_future(), time.monotonic()))
+            job = await self._job(modality, inputs, record)
+            out = await self._run(job)
         finally:
             self._unpin(record)
-        return F.normalize(out.float(), dim=-1) if normalize else out.float()
+        return Embeddings(F.normalize(out.float(), dim=-1) if normalize else out.float(), self._tokens(job))
+
+    def knows(self, model: str) -> bool:
+        """``model`` is the base or the address (``tenant/name``) of a registered adapter."""
+        try:
+            return model == BASE or self.registry.get(model) is not None
+        except UnknownAdapterError:
+            return False
+
+    def requests_by_adapter(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(running, waiting) requests per model name (``base`` included), now."""
+        def count(jobs) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for job in jobs:
+                name = BASE if job.record is None else job.record.address
+                out[name] = out.get(name, 0) + 1
+            return out
+
+        return count(list(self._running)), count(list(self._pending))
+
+    def input_size(self, record: AdapterRecord | None) -> tuple[int, int]:
+        """The image size rows of ``record`` (None: the base) run at."""
+        size = record.entry.info.get("input_size") if record is not None else None
+        return tuple(size) if size else self.backbone.input_size
 
     async def classify(self, model: str, images: list, labels: list[str] | None, top_k: int) -> list[list[tuple[str, float]]]:
         """Per image, the ``top_k`` (label, probability) pairs: zero-shot over ``labels`` with a
@@ -140,12 +179,12 @@ class Engine:
             raise NoClassifierError(f"zero-shot labels need a CLIP base; {self.backbone.model_id} has no text tower")
         if labels is not None and (not labels or len(labels) > self.limits.max_inputs or len(set(labels)) != len(labels)):
             raise InputError(f"labels must be 1 to {self.limits.max_inputs} distinct class names")
-        tensors = await self._prepare("image", images, model)
         record = await self._pin(model)
         try:
+            job = await self._job("image", images, record)
             if labels is None:
                 head = await self._head(record)
-            emb = await self._run(Job("image", record, tensors, asyncio.get_running_loop().create_future(), time.monotonic()))
+            emb = await self._run(job)
             if labels is None:
                 weight, bias, classes, head_input = head
                 logits = head_logits(weight, bias, emb, head_input)
@@ -162,21 +201,29 @@ class Engine:
         return [[(classes[j], float(p)) for p, j in zip(ps.tolist(), js.tolist())] for ps, js in zip(top.values, top.indices)]
 
     # -- request side -------------------------------------------------------------------
-    async def _prepare(self, modality: str, inputs: list, model: str) -> torch.Tensor:
-        if model != BASE:
-            self.registry.get(model)  # an unknown adapter is a 404 before any image is decoded
+    async def _job(self, modality: str, inputs: list, record: AdapterRecord | None) -> Job:
+        """Inputs decoded on the fair decoder, off the event loop (images at the size of
+        ``record``, their headers checked before any pixel is decoded), as a queued job."""
         if modality == "text":
-            return await self._decoder.run(tokenize_texts, self.backbone, inputs, self.limits)
-        if modality != "image":
+            size = None
+            tensors = await self._decoder.run(tokenize_texts, self.backbone, inputs, self.limits)
+        elif modality == "image":
+            size = self.input_size(record)
+            images = await self._decoder.run(open_images, inputs, self.limits)  # headers only: costs bounded first
+            transform = self.backbone.sizes.transform(size)
+            pixels = await self._decoder.map(_preprocess, [(transform, img) for img in images], [img.width * img.height for img in images])
+            tensors = torch.stack(pixels).to(self.backbone.dtype)
+        else:
             raise InputError(f"modality must be 'image' or 'text', got {modality!r}")
-        images = await self._decoder.run(open_images, inputs, self.limits)  # headers only: costs bounded first
-        pixels = await self._decoder.map(self._preprocess, [(img,) for img in images], [img.width * img.height for img in images])
-        return torch.stack(pixels).to(self.backbone.dtype)
+        return Job(modality, record, tensors, size, asyncio.get_running_loop().create_future(), time.monotonic())
 
-    def _preprocess(self, img) -> torch.Tensor:
-        return self.backbone.preprocess(decode_image(img))
+    def _tokens(self, job: Job) -> int:
+        if job.modality == "text":
+            return int((job.inputs != 0).sum())  # open_clip pads with 0
+        return job.rows * self.backbone.sizes.tokens(job.size)
 
     async def _pin(self, model: str) -> AdapterRecord | None:
+        """The current record of ``model``, pinned (an unknown adapter is a 404 before any decoding)."""
         if model == BASE:
             return None
         return await self._decoder.run(self.registry.pin, model)
@@ -224,7 +271,11 @@ class Engine:
                 jobs.append(job)
                 rows += job.rows
             self.queued_rows -= rows
-            results = await loop.run_in_executor(self._forward_pool, self._forward_jobs, jobs)
+            self._running = jobs
+            try:
+                results = await loop.run_in_executor(self._forward_pool, self._forward_jobs, jobs)
+            finally:
+                self._running = []
             for job, result in zip(jobs, results):
                 if job.future.done():
                     continue
@@ -234,14 +285,14 @@ class Engine:
                     job.future.set_result(result)
 
     def _forward_jobs(self, jobs: list[Job]) -> list[torch.Tensor | BaseException]:
-        """Forward thread: one forward per modality present; per job its rows or its error."""
+        """Forward thread: one forward per (modality, input size) present; per job its rows or its error."""
         results: list = [None] * len(jobs)
-        for modality in ("image", "text"):
-            idx = [i for i, j in enumerate(jobs) if j.modality == modality]
-            if not idx:
-                continue
+        for key in dict.fromkeys(j.shape_key for j in jobs):
+            modality, size = key
+            idx = [i for i, j in enumerate(jobs) if j.shape_key == key]
             try:
-                outs = self._forward_modality(modality, [jobs[i] for i in idx])
+                with self.backbone.sizes.at(size) if size is not None else contextlib.nullcontext():
+                    outs = self._forward_modality(modality, [jobs[i] for i in idx])
             except Exception as e:  # one failing forward fails its jobs, never the loop
                 log.exception("forward of %d %s jobs failed", len(idx), modality)
                 outs = [e] * len(idx)
@@ -285,3 +336,8 @@ class Engine:
 def _non_finite(record: AdapterRecord | None) -> NonFiniteOutputError:
     what = "the base model" if record is None else f"adapter {record.name!r}"
     return NonFiniteOutputError(f"{what} produced non-finite values (NaN or Inf) for this input")
+
+
+def _preprocess(transform, img) -> torch.Tensor:
+    """Decoder thread: one opened image through the model library's eval transform."""
+    return transform(decode_image(img))

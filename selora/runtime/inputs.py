@@ -122,9 +122,11 @@ def decode_image(img: Image.Image) -> Image.Image:
         raise ImageDecodeError("cannot decode the image (corrupt or truncated)") from None
 
 
-def preprocess_images(backbone: Backbone, images: list[str], limits: Limits) -> torch.Tensor:
-    """``[n, 3, H, W]``: decoded images through the backbone's own eval transform."""
-    return torch.stack([backbone.preprocess(decode_image(img)) for img in open_images(images, limits)]).to(backbone.dtype)
+def preprocess_images(backbone: Backbone, images: list[str], limits: Limits, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[n, 3, H, W]``: decoded images through the model library's own eval transform at ``size``
+    (default: the size the backbone is built at)."""
+    transform = backbone.sizes.transform(size or backbone.input_size)
+    return torch.stack([transform(decode_image(img)) for img in open_images(images, limits)]).to(backbone.dtype)
 
 
 def tokenize_texts(backbone: Backbone, texts: list[str], limits: Limits) -> torch.Tensor:

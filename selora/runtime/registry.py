@@ -40,6 +40,7 @@ from selora.adapters.format import (
 from selora.adapters.peft import as_selora_files
 from selora.models.blocks import BlockTable
 from selora.models.factory import Backbone
+from selora.models.resolution import InputSizeError
 from selora.runtime.paths import UnsafePathError, resolve_inside
 from selora.runtime.slots import DeviceAdapter, DeviceSlots, DeviceSlotsFullError
 from selora.runtime.store import AdapterStore, Entry, StoreError, valid_name
@@ -63,6 +64,10 @@ class UnknownAdapterError(RegistryError):
 
 class AdapterTooLargeError(RegistryError):
     pass
+
+
+class UnsupportedInputSizeError(RegistryError):
+    """The adapter was trained at an input size this base cannot run at."""
 
 
 @dataclass(eq=False)
@@ -120,6 +125,7 @@ def adapter_info(adapter: SparseAdapter) -> dict:
         "head_input": adapter.head_input if adapter.head_classes else None,
         "base_model": adapter.base_model,
         "base_fingerprint": adapter.base_fingerprint,
+        "input_size": None if adapter.input_size is None else list(adapter.input_size),  # None: the base's size
     }
 
 
@@ -256,6 +262,11 @@ class AdapterRegistry:
     def _check_fits(self, adapter: SparseAdapter) -> None:
         if adapter.nbytes > self.host.budget:
             raise AdapterTooLargeError(f"adapter needs {adapter.nbytes} bytes, more than the host cache budget {self.host.budget}")
+        if adapter.input_size is not None:
+            try:
+                self.backbone.sizes.check(adapter.input_size)
+            except InputSizeError as e:
+                raise UnsupportedInputSizeError(f"adapter trained at {list(adapter.input_size)} px: {e}") from None
         why = self.slots.fits_empty(adapter)
         if why is not None:
             raise AdapterTooLargeError(f"adapter does not fit the device: {why}")
@@ -366,6 +377,7 @@ class AdapterRegistry:
             out = []
             batch = {r.key for r in records}
             for record in records:
+                self.listener("miss" if record.device is None else "hit", "device")
                 if record.device is None:
                     self._ensure_host(record)
                     prepared = self.slots.prepare(record.sparse)  # everything that can fail, before evicting
@@ -399,6 +411,7 @@ class AdapterRegistry:
             record.device = None
 
     def _ensure_host(self, record: AdapterRecord) -> None:
+        self.listener("miss" if record.sparse is None else "hit", "host")
         if record.sparse is None:
             adapter = parse_adapter(record.entry.config, self.store.read_blob(record.entry.sha256), self.backbone.blocks, self.serving)
             self._make_host_room(adapter.nbytes)

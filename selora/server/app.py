@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
@@ -23,7 +24,7 @@ from selora.runtime.engine import Engine
 from selora.runtime.registry import AdapterRegistry, import_tree
 from selora.runtime.store import DEFAULT_TENANT, AdapterStore
 from selora.runtime.warmup import warm_up
-from selora.server import errors, openapi
+from selora.server import docs, errors, openapi
 from selora.server.auth import Authenticate, OriginGate
 from selora.server.body import BodyGate
 from selora.server.metrics import Metrics
@@ -84,7 +85,10 @@ def _import_once(registry: AdapterRegistry, settings: Settings) -> None:
                     "re-imported (use selora store import)", len(names), root, DEFAULT_TENANT)
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None,
+               on_load_failure: Callable[[], None] | None = None) -> FastAPI:
+    """The app; without ``engine`` it loads one in the background, and a failed load calls
+    ``on_load_failure`` (``selora serve`` stops the server and exits non-zero naming the cause)."""
     settings = settings or Settings.load()
     metrics = Metrics()
     store = engine.registry.store if engine is not None else open_store(settings)
@@ -98,7 +102,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if app.state.engine is not None:
             await app.state.engine.start()
         else:
-            loading = asyncio.create_task(_load(app, settings, metrics, store))
+            loading = asyncio.create_task(_load(app, settings, metrics, store, on_load_failure or (lambda: None)))
         try:
             yield
         finally:
@@ -110,8 +114,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 await app.state.engine.stop()
             log.info("stopped")
 
-    app = FastAPI(title="selora", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="selora", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Embeddings and classification with sparse LoRA/DoRA adapters on one CLIP/DINO base")
+    docs.install(app)
     app.state.engine, app.state.metrics, app.state.settings, app.state.load_error = engine, metrics, settings, None
     app.state.store = store
     errors.install(app, metrics.on_error)
@@ -122,8 +127,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def observe(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.latency.labels(getattr(route, "path", "unmatched")).observe(time.perf_counter() - started)
+        path = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.latency.labels(path).observe(time.perf_counter() - started)
+        adapter, engine = getattr(request.state, "adapter", "none"), app.state.engine
+        if adapter != "none" and (engine is None or not engine.knows(adapter)):
+            adapter = "unknown"  # a name nobody registered never becomes a label
+        metrics.on_response(path, response.status_code, adapter)
         return response
 
     app.add_middleware(BodyGate, max_bytes=settings.max_body_bytes, on_error=metrics.on_error)
@@ -134,12 +143,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     return app
 
 
-async def _load(app: FastAPI, settings: Settings, metrics: Metrics, store: AdapterStore) -> None:
+async def _load(app: FastAPI, settings: Settings, metrics: Metrics, store: AdapterStore, on_failure: Callable[[], None]) -> None:
     try:
         engine = await asyncio.to_thread(build_engine, settings, metrics, None, store)
-    except Exception as e:  # the process lives on, /ready explains why it is not ready
-        log.exception("loading %s failed", settings.model)
-        app.state.load_error = f"loading {settings.model} failed: {e}"
+    except Exception as e:  # /ready explains it until on_failure has stopped the process
+        log.debug("loading %s failed", settings.model, exc_info=True)
+        app.state.load_error = f"loading {settings.model} failed: {type(e).__name__}: {e}"
+        log.error("%s", app.state.load_error)
+        on_failure()
         return
     await engine.start()
     app.state.engine = engine

@@ -6,7 +6,8 @@ mapping a caller's adapter reference to a ``tenant/name`` address.
   CORS headers for allowed origins come from Starlette's ``CORSMiddleware`` inside it.
 - ``Authenticate``: once the store holds a key, every path but ``/health`` and ``/ready`` needs
   ``Authorization: Bearer <key>``; each request reads the key's row (one indexed SQLite read,
-  no cache), so a revocation holds from the next request on. Then the tenant's token bucket.
+  no cache), so a revocation holds from the next request on; before, a key sent anyway is
+  ignored (the OpenAI SDK always sends one). Then the tenant's token bucket.
   The caller lands in ``request.state.caller``.
 - A tenant uses its own adapters (``name`` or ``<tenant>/name``) and the shared ones
   (``shared/name``); another tenant's adapter is "unknown", exactly as an absent one. Admins
@@ -91,9 +92,9 @@ class Authenticate:
         await self.app(scope, receive, send)
 
     def identify(self, header: bytes | None) -> Caller:
+        if not self.store.has_keys():  # a keyless store serves everyone; a key sent anyway (the OpenAI SDK always sends one) changes nothing
+            return self.store.anonymous()
         if header is None:
-            if not self.store.has_keys():
-                return self.store.anonymous()
             raise UnauthorizedError("missing API key: send 'Authorization: Bearer <key>'")
         scheme, _, key = header.decode("latin-1").partition(" ")
         caller = self.store.authenticate(key.strip()) if scheme.lower() == "bearer" else None

@@ -17,6 +17,7 @@ from selora.models.factory import ModelError
 from selora.runtime import inputs, paths, registry, store
 from selora.runtime.engine import EngineStoppedError, NoClassifierError, NonFiniteOutputError, OverloadedError
 from selora.runtime.slots import DeviceSlotsFullError
+from selora.server import openai_compat
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ ERRORS: dict[type[BaseException], tuple[int, str]] = {
     registry.InvalidAdapterNameError: (422, "invalid_adapter_name"),
     paths.UnsafePathError: (422, "unsafe_path"),
     registry.AdapterTooLargeError: (413, "adapter_too_large"),
+    registry.UnsupportedInputSizeError: (422, "unsupported_input_size"),
     AdapterNotFoundError: (404, "adapter_files_not_found"),
     BaseModelMismatchError: (422, "base_model_mismatch"),
     AdapterError: (422, "invalid_adapter"),
@@ -58,6 +60,8 @@ ERRORS: dict[type[BaseException], tuple[int, str]] = {
     inputs.UnsupportedModalityError: (422, "unsupported_modality"),
     NoClassifierError: (422, "no_classifier"),
     NonFiniteOutputError: (422, "non_finite_output"),
+    openai_compat.UrlInputError: (422, "url_not_fetched"),
+    openai_compat.DimensionsError: (422, "unsupported_dimensions"),
     inputs.InputError: (422, "invalid_input"),
     ModelError: (422, "unsupported_model"),
     PayloadTooLargeError: (413, "payload_too_large"),

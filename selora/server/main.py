@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 
 from selora.server import settings as settings_module
@@ -38,7 +39,14 @@ def run(args: argparse.Namespace) -> int:
             return run_on_ray(settings)
         except settings_module.SettingsError as e:
             raise SystemExit(f"selora serve: {e}") from None
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings, on_load_failure=lambda: setattr(server, "should_exit", True))
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info"))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C / SIGINT: a clean stop, as uvicorn.run does
+        server.run()
+    if app.state.load_error:  # fail fast: a base that cannot load ends the process, naming the cause
+        raise SystemExit(f"selora serve: {app.state.load_error}")
+    if not server.started:  # e.g. the port is taken (uvicorn has logged why)
+        raise SystemExit(f"selora serve: could not start on {settings.host}:{settings.port}")
     return 0
 
 

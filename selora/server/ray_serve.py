@@ -34,7 +34,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
-from selora.runtime.engine import BASE, EngineStoppedError
+from selora.runtime.engine import BASE, Embeddings, EngineStoppedError
 from selora.runtime.registry import UnknownAdapterError
 from selora.runtime.store import AdapterStore
 from selora.server.app import build_engine, create_app, open_store
@@ -96,9 +96,9 @@ class EngineReplica:
         tenant, name, _ = parse_model_id(mid)
         return f"{tenant}/{name}"
 
-    async def embed(self, mid: str, modality: str, inputs: list, normalize: bool) -> tuple[np.ndarray, str]:
+    async def embed(self, mid: str, modality: str, inputs: list, normalize: bool) -> tuple[tuple[np.ndarray, int], str]:
         out = await self.engine.embed(await self._prepared(mid), modality, inputs, normalize)
-        return out.numpy(), self.replica_id
+        return (out.vectors.numpy(), out.tokens), self.replica_id
 
     async def classify(self, mid: str, images: list, labels: list[str] | None, top_k: int) -> tuple[list, str]:
         return await self.engine.classify(await self._prepared(mid), images, labels, top_k), self.replica_id
@@ -118,6 +118,29 @@ class RemoteEngine:
     @property
     def running(self) -> bool:
         return self._running
+
+    # what the routes and /metrics read besides embed/classify: the ingress's own view (queues
+    # and running requests live on the replicas, so the ingress reports none)
+    def input_size(self, record) -> tuple[int, int]:
+        return self.local.input_size(record)
+
+    def knows(self, model: str) -> bool:
+        return self.local.knows(model)
+
+    def requests_by_adapter(self) -> tuple[dict[str, int], dict[str, int]]:
+        return self.local.requests_by_adapter()
+
+    @property
+    def created(self) -> int:
+        return self.local.created
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.local.max_batch_size
+
+    @property
+    def queued_rows(self) -> int:
+        return self.local.queued_rows
 
     async def start(self) -> None:
         self._running = True
@@ -151,8 +174,9 @@ class RemoteEngine:
             return result
         raise ReplicaUnavailableError("no engine replica answered; retry shortly")
 
-    async def embed(self, model: str, modality: str, inputs: list, normalize: bool = False) -> torch.Tensor:
-        return torch.from_numpy(await self._call("embed", model, modality, inputs, normalize))
+    async def embed(self, model: str, modality: str, inputs: list, normalize: bool = False) -> Embeddings:
+        vectors, tokens = await self._call("embed", model, modality, inputs, normalize)
+        return Embeddings(torch.from_numpy(vectors), tokens)
 
     async def classify(self, model: str, images: list, labels: list[str] | None, top_k: int) -> list:
         return await self._call("classify", model, images, labels, top_k)

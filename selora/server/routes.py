@@ -12,7 +12,7 @@ from selora.runtime.engine import BASE, Engine
 from selora.runtime.inputs import InputError
 from selora.runtime.registry import AdapterRecord
 from selora.runtime.store import Caller
-from selora.server import schemas
+from selora.server import openai_compat, schemas
 from selora.server.auth import can_use, get_caller, require_admin, shown_name, usable, writable
 from selora.server.body import decode_json
 from selora.server.errors import NotReadyError
@@ -72,20 +72,38 @@ def _visible(engine: Engine, caller: Caller) -> list[AdapterRecord]:
 @router.get("/v1/models", response_model=schemas.ModelsResponse, tags=["models"])
 async def models(engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
     b = engine.backbone
-    names = [shown_name(caller, r.tenant, r.name) for r in _visible(engine, caller)]
+    records = _visible(engine, caller)
     return {
         "base": {
             "id": b.model_id, "library": b.library, "fingerprint": b.fingerprint, "embed_dim": b.embed_dim,
             "modalities": list(b.modalities), "num_blocks": len(b.blocks), "device": str(b.device), "dtype": str(b.dtype),
+            "random_weights": b.random_weights, "preprocessing": b.preprocessing(),
         },
         "kernel_backend": engine.config.backend,
-        "data": [{"id": BASE, "type": "base"}] + [{"id": n, "type": "adapter"} for n in names],
+        "data": [_model_entry(engine, caller, None)] + [_model_entry(engine, caller, r) for r in records],
+    }
+
+
+@router.get("/v1/models/{model_id:path}", response_model=schemas.ModelEntry, tags=["models"])
+async def get_model(model_id: str, engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
+    """The OpenAI model object of the base (``base``) or of an adapter the caller may use."""
+    return _model_entry(engine, caller, None if model_id == BASE else engine.registry.get(usable(caller, model_id)))
+
+
+def _model_entry(engine: Engine, caller: Caller, record: AdapterRecord | None) -> dict:
+    b = engine.backbone
+    return {
+        "id": BASE if record is None else shown_name(caller, record.tenant, record.name),
+        "type": "base" if record is None else "adapter",
+        "created": engine.created if record is None else int(record.entry.created), "base_model": b.model_id,
+        "preprocessing": b.preprocessing(engine.input_size(record)),
     }
 
 
 def _info(engine: Engine, caller: Caller, record: AdapterRecord) -> dict:
     d = engine.registry.describe(record)
-    return {**d, "name": shown_name(caller, record.tenant, record.name), "num_active": len(d["active_blocks"])}
+    return {**d, "name": shown_name(caller, record.tenant, record.name), "num_active": len(d["active_blocks"]),
+            "input_size": list(engine.input_size(record))}
 
 
 @router.get("/v1/adapters", response_model=schemas.AdapterList, tags=["adapters"])
@@ -142,23 +160,32 @@ async def delete_tenant_adapter(tenant: str, name: str, engine: Engine = Depends
     return await delete_adapter(f"{tenant}/{name}", engine, caller)
 
 
-def _model(caller: Caller, model: str) -> str:
-    return model if model == BASE else usable(caller, model)
+def _model(request: Request, caller: Caller, model: str) -> str:
+    """The address of ``model`` for this caller; also the metrics' adapter label of the request."""
+    request.state.adapter = "unknown"  # until resolved: a name the caller may not use is no label
+    request.state.adapter = address = model if model == BASE else usable(caller, model)
+    return address
 
 
 @router.post("/v1/embeddings", response_model=schemas.EmbeddingResponse, tags=["inference"])
-async def embeddings(body: schemas.EmbeddingRequest, engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
-    out = await engine.embed(_model(caller, body.model), body.modality, body.input, body.normalize)
+async def embeddings(body: schemas.EmbeddingRequest, request: Request, engine: Engine = Depends(get_engine),
+                     caller: Caller = Depends(get_caller)) -> dict:
+    """OpenAI-compatible embeddings of images or texts, under an adapter or the base."""
+    openai_compat.check_dimensions(body.dimensions, engine.backbone.embed_dim)
+    modality = openai_compat.resolve_modality(body.modality, body.input, engine.backbone.modalities)
+    out = await engine.embed(_model(request, caller, body.model), modality, body.input, body.normalize)
+    rows = openai_compat.encode(out.vectors, body.encoding_format)
     return {
         "model": body.model,
-        "data": [{"index": i, "embedding": row} for i, row in enumerate(out.tolist())],
-        "usage": {"inputs": len(body.input)},
+        "data": [{"index": i, "embedding": row} for i, row in enumerate(rows)],
+        "usage": {"prompt_tokens": out.tokens, "total_tokens": out.tokens},
     }
 
 
 @router.post("/v1/classify", response_model=schemas.ClassifyResponse, tags=["inference"])
-async def classify(body: schemas.ClassifyRequest, engine: Engine = Depends(get_engine), caller: Caller = Depends(get_caller)) -> dict:
-    results = await engine.classify(_model(caller, body.model), body.input, body.labels, body.top_k)
+async def classify(body: schemas.ClassifyRequest, request: Request, engine: Engine = Depends(get_engine),
+                   caller: Caller = Depends(get_caller)) -> dict:
+    results = await engine.classify(_model(request, caller, body.model), body.input, body.labels, body.top_k)
     return {
         "model": body.model,
         "data": [{"index": i, "predictions": [{"label": l, "score": s} for l, s in preds]} for i, preds in enumerate(results)],

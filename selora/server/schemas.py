@@ -9,9 +9,15 @@ from pydantic import BaseModel, Field, field_validator
 
 class EmbeddingRequest(BaseModel):
     model: str = Field("base", description="adapter name, or 'base' for the base model alone")
-    input: list[str] = Field(description="images (base64 data URIs or bare base64) or texts")
-    modality: Literal["image", "text"] = "image"
+    input: list[str] = Field(description="one string or a list: images (base64 data URIs, or bare base64 on an "
+                                         "image-only base) or texts; URLs are refused (never fetched)")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="'float': lists of numbers; 'base64': each embedding's little-endian float32 bytes")
+    dimensions: int | None = Field(None, description="must equal the model's width (these embeddings cannot be shortened)")
+    modality: Literal["auto", "image", "text"] = Field(
+        "auto", description="auto: a data: URI is an image; any other string is text on a CLIP base, bare base64 otherwise")
     normalize: bool = Field(True, description="L2-normalise each embedding")
+    user: str | None = Field(None, description="accepted for OpenAI compatibility; unused")
 
     @field_validator("input", mode="before")
     @classmethod
@@ -22,18 +28,23 @@ class EmbeddingRequest(BaseModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32 (encoding_format)")
 
 
-class Usage(BaseModel):
-    inputs: int
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = Field(description="text tokens, or for images the image tokens processed (patches + class token)")
+    total_tokens: int
 
 
 class EmbeddingResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
     data: list[Embedding]
-    usage: Usage
+    usage: EmbeddingUsage
+
+
+class Usage(BaseModel):
+    inputs: int
 
 
 class ClassifyRequest(BaseModel):
@@ -89,6 +100,7 @@ class AdapterInfo(BaseModel):
     resident_host: bool
     resident_device: bool
     head_classes: list[str] | None
+    input_size: list[int] = Field(description="[height, width] its rows are served at: the size it was trained at")
     head_input: Literal["raw", "normalized"] | None = Field(
         None, description="what the head applies to: the embedding as served, or its L2-normalised form")
 
@@ -103,6 +115,17 @@ class Deleted(BaseModel):
     deleted: bool = True
 
 
+class Preprocessing(BaseModel):
+    """The model library's own eval transform at the size a model's images are served at."""
+
+    input_size: list[int] = Field(description="[height, width] fed to the model")
+    resize: int | list[int] | None = Field(None, description="an int: the shorter side is resized to it; a list: [height, width]")
+    interpolation: str | None = None
+    crop: list[int] | None = Field(None, description="centre crop [height, width]")
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
 class BaseModelInfo(BaseModel):
     id: str
     library: str
@@ -112,12 +135,20 @@ class BaseModelInfo(BaseModel):
     num_blocks: int
     device: str
     dtype: str
+    random_weights: bool = Field(description="no weights were loaded: random init (test models)")
+    preprocessing: Preprocessing
 
 
 class ModelEntry(BaseModel):
+    """An OpenAI model object, with what selora adds."""
+
     id: str
     object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "selora"
     type: Literal["base", "adapter"]
+    base_model: str
+    preprocessing: Preprocessing
 
 
 class ModelsResponse(BaseModel):

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, fields
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+from selora.models.catalog import DEFAULT_MODEL, has_random_weights, list_models
 
-from selora.kernels.config import KernelConfig, KernelConfigError
-from selora.models.factory import DEFAULT_MODEL, DTYPES
-from selora.runtime.inputs import Limits
+if TYPE_CHECKING:  # torch is imported where it is used: `selora serve --help` never imports it
+    import torch
+
+    from selora.kernels.config import KernelConfig
+    from selora.runtime.inputs import Limits
 
 MiB = 1 << 20
 
@@ -57,6 +59,8 @@ class Settings:
 
     @property
     def limits(self) -> Limits:
+        from selora.runtime.inputs import Limits
+
         return Limits(self.max_inputs, self.max_image_pixels, self.max_text_chars, self.max_image_aspect, self.max_request_pixels)
 
     @property
@@ -68,6 +72,8 @@ class Settings:
         return int(self.max_body_mb * MiB)
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -81,6 +87,10 @@ class Settings:
         return device
 
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        from selora.models.factory import DTYPES
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         if self.dtype not in DTYPES:
@@ -88,6 +98,8 @@ class Settings:
         return DTYPES[self.dtype]
 
     def kernel_config(self) -> KernelConfig:
+        from selora.kernels.config import KernelConfig, KernelConfigError
+
         """The kernel configuration, resolved once at start-up; refused here if it cannot run."""
         try:
             return KernelConfig.resolve(self.torch_device(), self.kernel, self.base_gemm, self.split_shrink_rank)
@@ -125,7 +137,7 @@ def _convert(f, raw):
 
 
 HELP = {
-    "model": "base model: dinov2-small, open_clip:<config>, timm:<name> or a named config",
+    "model": "base model: a named model ({named}), open_clip:<config> or timm:<name>",
     "weights": "open_clip pretrained tag or local .safetensors file",
     "device": "where the base model runs: auto (cuda if visible, else cpu), cpu, cuda or cuda:N",
     "dtype": "its weights' dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16",
@@ -159,9 +171,11 @@ HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; unset flags fall back to the environment, then the default."""
+    named = ", ".join(f"{m} (random weights)" if has_random_weights(m) else m for m in list_models())
     for f in fields(Settings):
         flag, env_help = f"--{f.name.replace('_', '-')}", f"env SELORA_{f.name.upper()}"
+        text = HELP[f.name].replace("{named}", named)
         if str(f.type) == "bool":
-            parser.add_argument(flag, action="store_const", const=True, default=None, help=f"{HELP[f.name]} ({env_help})")
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=f"{text} ({env_help})")
         else:
-            parser.add_argument(flag, default=None, metavar=f.name.upper(), help=f"{HELP[f.name]} ({env_help}; default {f.default})")
+            parser.add_argument(flag, default=None, metavar=f.name.upper(), help=f"{text} ({env_help}; default {f.default})")

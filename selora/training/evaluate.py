@@ -212,7 +212,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", default=None, help="base weights (e.g. a full fine-tune's backbone.safetensors)")
     parser.add_argument("--dataset", default="fashion-mnist", help="in-distribution set (test split)")
     parser.add_argument("--retention", default="mnist", help="set for retention k-NN ('none' to skip)")
-    parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="input resolution (default: the adapter's recorded input_size, else the model's)")
     parser.add_argument("--test-subset", type=int, default=1000)
     parser.add_argument("--knn-train", type=int, default=5000)
     parser.add_argument("--knn-test", type=int, default=1000)
@@ -224,7 +225,8 @@ def run(args) -> int:
         sparse = load_adapter(args.adapter)
         backbone = load_backbone(args.model or sparse.base_model, args.weights)
         sparse = load_adapter(args.adapter, backbone.blocks)  # validated against this base
-        size = set_resolution(backbone, args.image_size)
+        trained_at = sparse.input_size[0] if sparse.input_size else None
+        size = set_resolution(backbone, args.image_size or trained_at)
         retention = None if args.retention in (None, "none") else args.retention
         result = evaluate(backbone, adapter_from_sparse(sparse, backbone), args.dataset, retention, size,
                           args.test_subset, args.knn_train, args.knn_test)

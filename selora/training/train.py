@@ -178,6 +178,8 @@ class Trainer:
         if c.recipe == "clip":  # so that serve can classify without labels
             set_zero_shot_head(self.adapter, bb, self.train_set.classes)
         sparse = export_adapter(self.adapter, c.model, bb.fingerprint)
+        sparse.input_size = (self.size, self.size)  # served at the size it was trained at
+        sparse.preprocessing = bb.preprocessing(sparse.input_size)
         save_adapter(sparse, directory)
         if c.recipe == "clip":
             self.adapter.head = self.adapter.head_classes = None

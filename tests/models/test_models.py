@@ -39,7 +39,7 @@ def test_unknown_model_is_a_clear_error():
 def _fresh_open_clip():
     import open_clip
 
-    from selora.models.factory import _named_config
+    from selora.models.catalog import named_config as _named_config
 
     open_clip.factory._MODEL_CONFIGS["selora-tiny-clip"] = _named_config("tiny-clip")["model_cfg"]
     torch.manual_seed(1)

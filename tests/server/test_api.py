@@ -89,7 +89,7 @@ def test_upload_and_its_errors(vit_client, vit_root):
 def test_embeddings_image_shapes_normalize_and_input_forms(vit_client):
     imgs = [image_b64(0), image_b64(1, data_uri=False)]
     out = vit_client.post("/v1/embeddings", json={"model": "a1", "input": imgs}).json()
-    assert out["object"] == "list" and out["model"] == "a1" and out["usage"] == {"inputs": 2}
+    assert out["object"] == "list" and out["model"] == "a1" and out["usage"] == {"prompt_tokens": 34, "total_tokens": 34}  # 2 x (4x4 patches + class token)
     emb = np.array([d["embedding"] for d in out["data"]])
     assert emb.shape == (2, 64) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     raw = vit_client.post("/v1/embeddings", json={"model": "a1", "input": imgs[0], "normalize": False}).json()["data"][0]["embedding"]

@@ -2,9 +2,6 @@
 
 import argparse
 import asyncio
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,45 +16,22 @@ from selora.kernels.config import KernelConfig
 from selora.server.app import build_engine, create_app
 from selora.server.main import add_arguments
 from selora.server.settings import Settings, SettingsError
-from tests.helpers import image_b64, make_app, run_with_client, write_adapter
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import image_b64, make_app, run_with_client, serving, write_adapter
 
 
 def test_uvicorn_process_serves_and_stops_cleanly(tmp_path, tiny_vit):
     write_adapter(tiny_vit, tmp_path, "pre", active=list(tiny_vit.blocks)[:2])
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELORA_MAX_BATCH_SIZE": "8"}
-    cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", "tiny-vit", "--import-root", str(tmp_path),
-           "--store", str(tmp_path / ".store"), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.2)
+    with serving("--model", "tiny-vit", "--import-root", str(tmp_path), "--store", str(tmp_path / ".store"),
+                 env={"SELORA_MAX_BATCH_SIZE": "8"}) as served:
+        url = served.url
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
         models = httpx.get(f"{url}/v1/models").json()
         assert models["base"]["id"] == "tiny-vit" and [m["id"] for m in models["data"]] == ["base", "pre"]
         r = httpx.post(f"{url}/v1/embeddings", json={"model": "pre", "input": [image_b64(0), image_b64(1)]}, timeout=30)
         assert r.status_code == 200 and len(r.json()["data"]) == 2
         assert "selora_batch_size_count" in httpx.get(f"{url}/metrics").text
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    assert "kernel backend" in out and "stopped" in out
+    assert served.returncode == 0, served.output
+    assert "kernel backend" in served.output and "stopped" in served.output
 
 
 def test_settings_precedence_flags_over_env_over_defaults():

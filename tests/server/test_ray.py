@@ -86,7 +86,7 @@ def _expected(cluster, tenant: str, model: str, images: list[str]) -> np.ndarray
     address = "base" if model == "base" else f"{tenant}/{model}"
     if address != "base":
         engine.registry.sync(tenant, model, engine.registry.store.entry(tenant, model).version)
-    return asyncio.run_coroutine_threadsafe(engine.embed(address, "image", images, False), cluster["loop"]).result().numpy()
+    return asyncio.run_coroutine_threadsafe(engine.embed(address, "image", images, False), cluster["loop"]).result().vectors.numpy()
 
 
 def _embed(client, key: str, model: str, images: list[str]) -> httpx.Response:
