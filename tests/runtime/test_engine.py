@@ -102,8 +102,8 @@ def test_one_cycle_with_two_input_sizes_runs_one_forward_per_size(tmp_path, tiny
     assert sorted(batches) == [("image", 3), ("image", 3)]  # one cycle: 16x24 rows and 32x32 rows apart
     with tiny_vit.sizes.at((16, 24)):
         ref_small = forward_mixed(tiny_vit, preprocess_images(tiny_vit, imgs[:2] + imgs[4:], Limits(), (16, 24)),
-                                  [to_device(small, tiny_vit)], [0, 0, 0])
-    ref_full = forward_mixed(tiny_vit, preprocess_images(tiny_vit, imgs[2:], Limits()), [to_device(full, tiny_vit)], [0, 0, -1])
+                                  resident(tiny_vit, small), [0, 0, 0])
+    ref_full = forward_mixed(tiny_vit, preprocess_images(tiny_vit, imgs[2:], Limits()), resident(tiny_vit, full), [0, 0, -1])
     assert torch.allclose(torch.cat([s1.vectors, s2.vectors]), ref_small, atol=1e-5)
     assert torch.allclose(torch.cat([f.vectors, b.vectors]), ref_full, atol=1e-5)
     assert (s1.tokens, f.tokens, b.tokens) == (2 * (1 + 2 * 3), 2 * 17, 17)

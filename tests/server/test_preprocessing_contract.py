@@ -17,8 +17,8 @@ import timm
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from selora.models import load_backbone
 from selora.models.catalog import named_config
-from selora.runtime.batch import forward_mixed, to_device
-from tests.helpers import make_app, run_with_client, write_adapter
+from selora.runtime.batch import forward_mixed
+from tests.helpers import make_app, resident, run_with_client, write_adapter
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -73,7 +73,7 @@ def test_adapter_rows_run_at_its_own_size_as_timm_set_input_size(tmp_path, tiny_
     resized.model.set_input_size(img_size=(16, 16))
     transform = timm.data.create_transform(**timm.data.resolve_data_config({"input_size": (3, 16, 16)}, model=resized.model))
     pixels = transform(Image.open(io.BytesIO(photo)).convert("RGB"))[None]
-    expected = forward_mixed(resized, pixels, [to_device(sparse, resized)], [0])[0].numpy()
+    expected = forward_mixed(resized, pixels, resident(resized, sparse), [0])[0].numpy()
     image = "data:image/png;base64," + base64.b64encode(photo).decode()
 
     async def both(client):
