@@ -198,6 +198,7 @@ def write_report(json_path: Path, out: Path) -> None:
     made = plots(data, groups, out)
     full = {s["name"] for s in specs("full", paper_first)}
     missing = sorted(full - set(data["runs"]))
+    not_run = ", ".join(sorted({re.sub(r"_s\d+$", "", m) for m in missing})) or "none"
     md = ["# The 5 % claim under a block budget, over seeds (issue 16): DINOv2-S, Fashion-MNIST -> MNIST", "",
           f"Command: `{data['command']}` (resumable: finished runs are skipped)  ",
           f"Machine: {data['machine']}  ",
@@ -205,7 +206,7 @@ def write_report(json_path: Path, out: Path) -> None:
           f"Evaluation: `{json.dumps(data['eval'])}`  ",
           f"Learned gates: `{json.dumps(GATE)}`; base model MNIST k-NN before training: {100 * data['retention_before']:.2f}", "",
           f"Runs finished: {len(data['runs'])} of the full grid's {len(full)}; not run: {len(missing)} "
-          f"({', '.join(sorted({re.sub(r'_s\d+$', '', m) for m in missing})) or 'none'}).", "",
+          f"({not_run}).", "",
           "## Mean ± std over seeds", "", summary_table(groups), "",
           "## Paired differences (same seed), mean ± std over seeds", "",
           "A difference *exceeds noise* when the paired t statistic over seeds is above the two-sided 5 % "
