@@ -271,7 +271,9 @@ def _parse_config(data: bytes) -> dict:
 
 
 def _parse_weights(data: bytes) -> dict[str, torch.Tensor]:
-    if data[:1] == b"\x80" or data[:2] == b"PK":
+    # A safetensors file starts with its header's length (u64, little-endian) and then "{": a
+    # length whose low byte is 0x80 is still safetensors, not a pickle's protocol opcode.
+    if data[8:9] != b"{" and (data[:1] == b"\x80" or data[:2] == b"PK"):
         raise CorruptFileError(f"{WEIGHTS_NAME} looks like a pickle/zip checkpoint; only safetensors is read")
     try:
         tensors = load_safetensors(data)
