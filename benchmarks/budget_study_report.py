@@ -10,7 +10,7 @@ import statistics
 from itertools import combinations
 from pathlib import Path
 
-from budget_study import GATE, PENALTY_LAMBDAS, specs
+from budget_study import GATE, PENALTY_LAMBDAS, SEEDS, specs
 from paper_repro_report import ALL_BLOCKS, NUM_BLOCKS
 
 from selora.training.inspect import plot_heatmap
@@ -197,16 +197,18 @@ def write_report(json_path: Path, out: Path) -> None:
     paper_first = data["paper_order"]
     made = plots(data, groups, out)
     full = {s["name"] for s in specs("full", paper_first)}
-    missing = sorted(full - set(data["runs"]))
-    not_run = ", ".join(sorted({re.sub(r"_s\d+$", "", m) for m in missing})) or "none"
+    missing = full - set(data["runs"])
+    configs = {re.sub(r"_s\d+$", "", m) for m in missing}
+    not_run = ", ".join(sorted(configs - set(groups))) or "none"
+    incomplete = ", ".join(f"{c} ({len(groups[c])} of {len(SEEDS)} seeds)" for c in sorted(configs & set(groups))) or "none"
     md = ["# The 5 % claim under a block budget, over seeds (issue 16): DINOv2-S, Fashion-MNIST -> MNIST", "",
           f"Command: `{data['command']}` (resumable: finished runs are skipped)  ",
           f"Machine: {data['machine']}  ",
-          f"Schedule (every run; seed varies): `{json.dumps(data['schedule'])}`  ",
+          f"Schedule (every run; each run sets its seed, the gated ones λ and score lr): `{json.dumps(data['schedule'])}`  ",
           f"Evaluation: `{json.dumps(data['eval'])}`  ",
           f"Learned gates: `{json.dumps(GATE)}`; base model MNIST k-NN before training: {100 * data['retention_before']:.2f}", "",
-          f"Runs finished: {len(data['runs'])} of the full grid's {len(full)}; not run: {len(missing)} "
-          f"({not_run}).", "",
+          f"Runs finished: {len(data['runs'])} of the full grid's {len(full)} ({len(SEEDS)} seeds each). "
+          f"Not run at all: {not_run}. Not every seed yet: {incomplete}.", "",
           "## Mean ± std over seeds", "", summary_table(groups), "",
           "## Paired differences (same seed), mean ± std over seeds", "",
           "A difference *exceeds noise* when the paired t statistic over seeds is above the two-sided 5 % "
