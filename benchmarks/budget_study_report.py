@@ -85,6 +85,7 @@ def comparisons(groups: dict) -> str:
             pairs += [(f"learned_r{r}_k{k}", f"random_r{r}_k{k}"), (f"learned_r{r}_k{k}", f"paper_r{r}_k{k}"),
                       (f"paper_r{r}_k{k}", f"random_r{r}_k{k}"), (f"learned_r{r}_k{k}", f"lora_r{r}"),
                       (f"paper_r{r}_k{k}", f"lora_r{r}"), (f"learned_r{r}_k{k}", "linear")]
+    pairs += [(c, f"lora_r{m[1]}") for c in groups if (m := re.fullmatch(r"penalty_r(\d+)_lam[\d.]+", c))]
     for a, b in pairs:
         if a not in groups or b not in groups:
             continue
