@@ -408,11 +408,11 @@ def _read_header(data: bytes, max_tensors: int) -> dict:
 
 
 def _parse_weights(data: bytes, max_tensors: int) -> dict[str, torch.Tensor]:
-    try:  # safetensors never unpickles; its first 8 bytes (header length) may well start with 0x80 or "PK"
+    try:  # safetensors never unpickles; its header length (u64 LE) may well start with 0x80 or "PK"
         _read_header(data, max_tensors)
         tensors = load_safetensors(data)
     except Exception as e:  # our header checks, or safetensors' own error for a malformed file
-        if data[:1] == b"\x80" or data[:2] == b"PK":
+        if data[8:9] != b"{" and (data[:1] == b"\x80" or data[:2] == b"PK"):  # no JSON header follows: a pickle/zip
             raise CorruptFileError(f"{WEIGHTS_NAME} looks like a pickle/zip checkpoint; only safetensors is read") from None
         if isinstance(e, AdapterError):
             raise

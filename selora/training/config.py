@@ -13,7 +13,7 @@ from pathlib import Path
 
 from selora.adapters.config import AdapterConfig, ConfigError
 
-METHODS = ("selective", "lora", "random_blocks", "linear_probe", "full_ft")
+METHODS = ("selective", "lora", "random_blocks", "fixed_blocks", "linear_probe", "full_ft")
 RECIPES = ("classify", "clip")
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -24,7 +24,7 @@ class TrainConfig:
     model: str = "dinov2-small"  # base model id (see selora.models.list_models)
     weights: str | None = None  # open_clip tag or local safetensors (default: the model's own)
     recipe: str = "classify"  # classify: frozen backbone + adapter + linear head, CE; clip: FLYP contrastive
-    method: str = "selective"  # selective (gated) | lora (all blocks) | random_blocks | linear_probe | full_ft
+    method: str = "selective"  # selective (gated) | lora (all blocks) | random_blocks | fixed_blocks | linear_probe | full_ft
     variant: str = "lora"  # lora | dora
     r: int = 16
     lora_alpha: float = 16.0
@@ -34,6 +34,7 @@ class TrainConfig:
     init_score: float = 0.15
     max_active_blocks: int | None = None  # block budget of the gated adapter
     random_blocks: int = 5  # random_blocks: how many blocks to train (chosen with `seed`)
+    blocks: list[str] | None = None  # fixed_blocks: exactly these block ids, ungated
     kinds: list[str] | None = None  # block kinds to adapt (default: all six)
     # data
     dataset: str = "fashion-mnist"  # fashion-mnist | mnist | synthetic | folder:<dir>
@@ -86,6 +87,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
         if self.recipe == "clip" and self.method in ("linear_probe",):
             raise ConfigError("recipe 'clip' trains the towers contrastively: method linear_probe does not apply")
+        if (self.method == "fixed_blocks") != bool(self.blocks):
+            raise ConfigError("method fixed_blocks needs a non-empty `blocks` list, and `blocks` needs method fixed_blocks")
         if self.method == "linear_probe" and self.recipe != "classify":
             raise ConfigError("linear_probe needs recipe 'classify'")
         self.adapter_config()  # raises ConfigError on a bad adapter value

@@ -3,11 +3,16 @@
 Recipes: ``classify`` (backbone + adapter + linear head, cross-entropy) and ``clip`` (FLYP: each
 image against a prompt of its class name, symmetric CLIP loss). Methods: ``selective`` (gated
 LoRA/DoRA), ``lora`` (every block on), ``random_blocks`` (exactly k seeded random blocks, no
-gate), ``linear_probe`` (head only), ``full_ft`` (every backbone weight).
+gate), ``fixed_blocks`` (exactly the given ``blocks``, no gate), ``linear_probe`` (head only),
+``full_ft`` (every backbone weight).
 
 Gate training (DESIGN.md): B starts at zero, so at first only the penalty moves a score. As in
 TAPS the scores have their own plain-SGD learning rate (``score_lr``) and the penalty is off
 until ``penalty_warmup_steps``, so the task gradient has shaped the scores before any gate closes.
+The block budget (``max_active_blocks``) waits for the same warm-up: a closed block's B stays
+zero, so its score gets no task gradient; with the budget on from step 0 the top-k of the equal
+initial scores would be ``torch.topk``'s tie order, never learned. Validation and export always
+apply the budget.
 
 Output directory ``out``: the final adapter (format v1, head and class names included), ``best/``
 (the adapter with the best validation top-1), ``checkpoint/`` (resume state: safetensors + JSON,
@@ -98,6 +103,8 @@ class Trainer:
         if c.method == "random_blocks":
             base_cfg = c.adapter_config()
             blocks = pick_random_blocks(c, base_cfg.select_blocks(bb.blocks))
+        if c.method == "fixed_blocks":
+            blocks = tuple(c.blocks)
         if c.method == "full_ft":
             blocks = ()
         classes = self.train_set.classes if c.recipe == "classify" else None
@@ -145,8 +152,12 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         idx = batch_indices(len(self.train_set), c.batch_size, self.step, c.seed)
-        task = self.loss(idx)
         penalty_on = self.adapter.scores is not None and self.step >= c.resolved_penalty_warmup
+        self.adapter.config.max_active_blocks = c.max_active_blocks if penalty_on else None
+        try:
+            task = self.loss(idx)
+        finally:
+            self.adapter.config.max_active_blocks = c.max_active_blocks
         penalty = self.adapter.penalty() if penalty_on else torch.zeros(())
         if penalty_on and c.penalty_normalization == "mean":
             penalty = penalty / len(self.adapter.block_ids)

@@ -114,6 +114,16 @@ def test_every_bad_file_has_its_own_error(case, saved, tiny_vit, tmp_path):
         load_adapter(path, tiny_vit.blocks)
 
 
+def test_a_header_length_whose_low_byte_is_0x80_is_still_safetensors(saved, tiny_vit):
+    data = (saved / fmt.WEIGHTS_NAME).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header, body = data[8 : 8 + size], data[8 + size :]
+    padded = size + (128 - size) % 256  # safetensors pads its JSON header with spaces
+    (saved / fmt.WEIGHTS_NAME).write_bytes(padded.to_bytes(8, "little") + header.ljust(padded) + body)
+    assert (saved / fmt.WEIGHTS_NAME).read_bytes()[:1] == b"\x80"
+    assert list(load_adapter(saved, tiny_vit.blocks).blocks) == ["vision.0.q", "vision.1.fc1"]
+
+
 def test_head_input_round_trips_and_defaults_to_raw(saved, tiny_vit):
     loaded = load_adapter(saved, tiny_vit.blocks)
     assert loaded.head_input == "raw"

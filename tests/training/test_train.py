@@ -103,6 +103,30 @@ def test_random_blocks_trains_exactly_k_ungated_blocks(tmp_path):
     assert len(adapter.blocks) == 4 and adapter.gate == {"gated": False}
 
 
+def test_fixed_blocks_trains_exactly_the_given_blocks(tmp_path):
+    chosen = ["vision.1.fc1", "vision.0.q"]
+    cfg = _config(tmp_path, steps=2, eval_every=2, method="fixed_blocks", blocks=chosen, r=2)
+    train(cfg)
+    adapter = load_adapter(cfg.out)
+    assert sorted(adapter.blocks) == sorted(chosen) and adapter.gate == {"gated": False}
+    with pytest.raises(ConfigError, match="fixed_blocks"):
+        _config(tmp_path, method="fixed_blocks")
+    with pytest.raises(ConfigError, match="unknown block ids"):
+        Trainer(_config(tmp_path, method="fixed_blocks", blocks=["vision.99.q"]))
+
+
+def test_the_budget_waits_for_the_warm_up_so_every_block_learns_first(tmp_path):
+    cfg = _config(tmp_path, steps=6, eval_every=6, max_active_blocks=2, lam=0.0, penalty_warmup_steps=3)
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+        moved = [b for b in trainer.adapter.block_ids if trainer.adapter.lora_B[b.replace(".", "_")].abs().sum() > 0]
+        assert len(moved) == len(trainer.adapter.block_ids) > 2
+        assert len(trainer.adapter.active_blocks()) == 2 == len(load_adapter(cfg.out).blocks)
+    finally:
+        trainer.close()
+
+
 def test_full_ft_saves_a_backbone_usable_as_weights(tmp_path):
     cfg = _config(tmp_path, steps=3, eval_every=3, method="full_ft", lr=0.05)
     train(cfg)
