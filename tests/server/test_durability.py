@@ -87,7 +87,8 @@ class Zygote:
     """``forking_server.py``: every ``start()`` is a fresh server process on the same store."""
 
     def __init__(self, store: Path, root: Path):
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        repo = str(Path(__file__).resolve().parents[2])  # the script imports tests.helpers, from any working directory
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
         script = Path(__file__).with_name("forking_server.py")
         self.proc = subprocess.Popen([sys.executable, str(script), str(store), str(root)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
