@@ -34,7 +34,7 @@ from selora.models.prompts import zero_shot_weights
 from selora.kernels.config import KernelConfig
 from selora.runtime.batch import forward_mixed
 from selora.runtime.decode import FairDecoder
-from selora.runtime.inputs import InputError, Limits, decode_image, open_images, tokenize_texts
+from selora.runtime.inputs import InputError, Limits, open_images, preprocess_image, tokenize_texts
 from selora.runtime.registry import AdapterRecord, AdapterRegistry, UnknownAdapterError
 from selora.runtime.slots import DeviceAdapter
 
@@ -211,7 +211,7 @@ class Engine:
             size = self.input_size(record)
             images = await self._decoder.run(open_images, inputs, self.limits)  # headers only: costs bounded first
             transform = self.backbone.sizes.transform(size)
-            pixels = await self._decoder.map(_preprocess, [(transform, img) for img in images], [img.width * img.height for img in images])
+            pixels = await self._decoder.map(preprocess_image, [(transform, img) for img in images], [img.width * img.height for img in images])
             tensors = torch.stack(pixels).to(self.backbone.dtype)
         else:
             raise InputError(f"modality must be 'image' or 'text', got {modality!r}")
@@ -336,8 +336,3 @@ class Engine:
 def _non_finite(record: AdapterRecord | None) -> NonFiniteOutputError:
     what = "the base model" if record is None else f"adapter {record.name!r}"
     return NonFiniteOutputError(f"{what} produced non-finite values (NaN or Inf) for this input")
-
-
-def _preprocess(transform, img) -> torch.Tensor:
-    """Decoder thread: one opened image through the model library's eval transform."""
-    return transform(decode_image(img))

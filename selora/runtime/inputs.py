@@ -126,7 +126,12 @@ def preprocess_images(backbone: Backbone, images: list[str], limits: Limits, siz
     """``[n, 3, H, W]``: decoded images through the model library's own eval transform at ``size``
     (default: the size the backbone is built at)."""
     transform = backbone.sizes.transform(size or backbone.input_size)
-    return torch.stack([transform(decode_image(img)) for img in open_images(images, limits)]).to(backbone.dtype)
+    return torch.stack([preprocess_image(transform, img) for img in open_images(images, limits)]).to(backbone.dtype)
+
+
+def preprocess_image(transform, img: Image.Image) -> torch.Tensor:
+    """One opened image (its cost already checked) decoded and through the library's eval transform."""
+    return transform(decode_image(img))
 
 
 def tokenize_texts(backbone: Backbone, texts: list[str], limits: Limits) -> torch.Tensor:
