@@ -12,7 +12,7 @@ mixed-batch forward: the semantic reference of the server.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,10 +44,41 @@ def plan_rows(row_adapter: Sequence[int]) -> RowPlan:
     return RowPlan(order, torch.argsort(order), groups)
 
 
+class SiteLayers(Mapping):
+    """site -> its ``LayerBatch``, made when its layer asks for it: building a batch costs the same
+    whether 1 or 48 layers have work (their summaries are rows of one array); each layer pays
+    for its own small object when it runs."""
+
+    def __init__(self, slots, meta: torch.Tensor, host: np.ndarray, sites: np.ndarray, summaries: np.ndarray):
+        self._slots, self._meta, self._host, self._summaries = slots, meta, host, summaries
+        self._row = np.full(len(slots.site_names), -1)
+        self._row[sites] = np.arange(len(sites))
+        self._sites, self._made = sites, {}
+
+    def __getitem__(self, site: str) -> LayerBatch:
+        layer = self._made.get(site)
+        if layer is None:
+            index = self._slots.site_index.get(site)
+            row = -1 if index is None else int(self._row[index])
+            if row < 0:
+                raise KeyError(site)
+            begin, end, items_end, out_end, block_rank, entry_items, dora, shrink = self._summaries[row].tolist()
+            buffers = self._slots.buffers[site]
+            layer = self._made[site] = LayerBatch(buffers, self._meta, begin, self._host[begin:end], items_end,
+                                                  out_end + buffers.out_size, block_rank, entry_items, shrink, bool(dora))
+        return layer
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._slots.site_names[i] for i in self._sites.tolist())
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+
 @dataclass
 class ModelBatch:
     config: KernelConfig = field(default_factory=KernelConfig)
-    layers: dict[str, LayerBatch] = field(default_factory=dict)  # site -> LoRA work; absent: base GEMM only
+    layers: Mapping[str, LayerBatch] = field(default_factory=dict)  # site -> LoRA work; absent: base GEMM only
 
 
 class StaleAdapterError(RuntimeError):
@@ -58,7 +89,8 @@ def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int
     """The batch's metadata, valid until the next batch is built on the same slots.
 
     Host work is a fixed number of NumPy operations on arrays of one row per (adapter present,
-    active block), plus one small object per site that has work: no loop over blocks."""
+    active block): no loop over blocks, adapters or sites (a site's ``LayerBatch`` is made when
+    its layer runs, ``SiteLayers``)."""
     present = [(adapters[i], start, end) for i, start, end in groups if i >= 0 and adapters[i] is not None]
     present = [(d, s, e) for d, s, e in present if d.num_blocks]
     if not present:
@@ -86,18 +118,11 @@ def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int
     sites = np.flatnonzero(per_site)
     starts = begins[sites]
     items = rows[:, c["item_end"]] - rows[:, c["item_start"]]
-    summaries = zip(
-        sites.tolist(), starts.tolist(), ends[sites].tolist(),
-        *(np.maximum.reduceat(v, starts).tolist() for v in (rows[:, c["item_end"]], rows[:, c["out_start"]],
-                                                            rows[:, c["block_rank"]], items, rows[:, c["dora"]])),
-        np.add.reduceat(items * rows[:, c["rank"]], starts).tolist(),
-    )
-    layers = {}
-    for i, b, e, items_end, out_end, block_rank, entry_items, dora, shrink in summaries:
-        name = slots.site_names[i]
-        buffers = slots.buffers[name]
-        layers[name] = LayerBatch(buffers, meta, b, host[b:e], items_end, out_end + buffers.out_size, block_rank,
-                                  entry_items, shrink, bool(dora))
+    summaries = np.stack([starts, ends[sites],
+                          *(np.maximum.reduceat(v, starts) for v in (rows[:, c["item_end"]], rows[:, c["out_start"]],
+                                                                     rows[:, c["block_rank"]], items, rows[:, c["dora"]])),
+                          np.add.reduceat(items * rows[:, c["rank"]], starts)], axis=1)
+    layers = SiteLayers(slots, meta, host, sites, summaries)
     return ModelBatch(config, layers)
 
 
