@@ -319,6 +319,7 @@ def main() -> None:
                                     "max": max(soak.refusals_ms, default=None)},
         "mutations": dict(soak.mutations),
         "rss_mb": {"attack_steady": head / 2**20, "end": tail / 2**20, "change": (tail - head) / head,
+                   "window_min": min(steady) / 2**20, "window_max": max(steady) / 2**20,
                    "samples": [[round(t - samples[0][0], 1), round(r / 2**20, 1)] for t, r in samples]},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "shared": "2 cores shared with other engineers' test runs: ratios within this run only"},
@@ -346,7 +347,8 @@ def main() -> None:
         f"| pathological image refusal ms by the image gate, worst of 60 | {gate_ms:.2f} | ≤ 50 |",
         f"| pathological image refusal ms, median / max, HTTP round trip under attack | {ref['p50']:.1f} / {ref['max']:.1f} (n={ref['n']}) | |",
         f"| server RSS MB, attack phase after its first fifth → end | {result['rss_mb']['attack_steady']:.1f} → {result['rss_mb']['end']:.1f} "
-        f"({100 * result['rss_mb']['change']:+.1f} %) | within ±5 % |",
+        f"({100 * result['rss_mb']['change']:+.1f} %; all samples from there on {result['rss_mb']['window_min']:.0f}–"
+        f"{result['rss_mb']['window_max']:.0f}) | within ±5 % |",
         "",
         f"Statuses: {json.dumps(result['status'])}",
         "",

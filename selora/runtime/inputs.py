@@ -113,13 +113,20 @@ def open_images(images: list[str], limits: Limits) -> list[Image.Image]:
 
 
 def decode_image(img: Image.Image) -> Image.Image:
-    """Decode an image from ``open_image`` as RGB (its cost already bounded)."""
+    """Decode an image from ``open_image`` as RGB (its cost already bounded): in place when it is
+    RGB already (no copy of a decoded image that may be 64 MB), else a converted copy, the
+    source's pixels released."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return img.convert("RGB")
+            img.load()
+            if img.mode == "RGB":
+                return img
+            rgb = img.convert("RGB")
     except (OSError, ValueError, SyntaxError, EOFError):
         raise ImageDecodeError("cannot decode the image (corrupt or truncated)") from None
+    img.close()
+    return rgb
 
 
 def preprocess_images(backbone: Backbone, images: list[str], limits: Limits, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -130,8 +137,17 @@ def preprocess_images(backbone: Backbone, images: list[str], limits: Limits, siz
 
 
 def preprocess_image(transform, img: Image.Image) -> torch.Tensor:
-    """One opened image (its cost already checked) decoded and through the library's eval transform."""
-    return transform(decode_image(img))
+    """One opened image (its cost already checked) decoded and through the library's eval transform.
+
+    Its decoded pixels are released as soon as the transform has run, although the caller still
+    holds ``img``: a request of several large images then holds one decoded image per decode
+    thread, not every image it has decoded until its last one is done (4 × 64 MB for a request at
+    the default pixel budget)."""
+    rgb = decode_image(img)
+    try:
+        return transform(rgb)
+    finally:
+        rgb.close()
 
 
 def tokenize_texts(backbone: Backbone, texts: list[str], limits: Limits) -> torch.Tensor:
