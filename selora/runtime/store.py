@@ -5,11 +5,15 @@ Layout of ``DIR``: ``selora.db`` (WAL mode, ``synchronous=FULL``: a commit that 
 disk, also after a power loss) and ``blobs/<sha256>``, one file per distinct
 ``adapter_model.safetensors``. The adapter config is small and lives in the manifest row.
 
-Write order of an upload: the blob is written to ``blobs/.tmp-*``, fsynced, renamed to its hash
-and the folder fsynced; then one transaction checks the tenant's quotas and swaps the manifest
-row. A crash before the commit leaves an unreferenced blob or a temp file, which ``recover()``
-(run once at server start) removes; a crash after it leaves the new version. A replaced or
-deleted version's blob is removed once no row references it. Versions come from an
+Write order of an upload, inside one write transaction (``BEGIN IMMEDIATE``: SQLite's write
+lock, held across processes): the blob is written to ``blobs/.tmp-*``, fsynced, renamed to its
+hash and the folder fsynced; the tenant's quotas are checked and the manifest row swapped;
+commit. A crash before the commit leaves an unreferenced blob or a temp file, which
+``recover()`` removes; a crash after it leaves the new version. A replaced or deleted version's
+blob is removed once no row references it. Every blob removal, ``recover()``'s included, runs
+under the same write lock, so no process ever sees another live one between its blob write and
+its commit: a replica starting (and recovering) while another uploads, or a killed server still
+finishing a commit, cannot remove a blob that is about to be referenced. Versions come from an
 AUTOINCREMENT key, so ``(tenant, name, version)`` names one set of bytes forever.
 
 API keys: ``sk-selora-`` + 43 url-safe characters (32 random bytes); only their SHA-256 is
@@ -248,8 +252,8 @@ class AdapterStore:
         return Caller(DEFAULT_TENANT, True, None, q.rate_per_s, q.burst)
 
     # -- blobs --------------------------------------------------------------------------
-    def _write_blob(self, data: bytes) -> str:
-        sha = hashlib.sha256(data).hexdigest()
+    def _write_blob(self, sha: str, data: bytes) -> None:
+        """``data`` as ``blobs/<sha>`` (kept if already there); call inside a write transaction."""
         path = self.blobs / sha
         if not path.exists():
             tmp = self.blobs / f"{TMP_PREFIX}{secrets.token_hex(8)}"
@@ -263,7 +267,6 @@ class AdapterStore:
                 tmp.unlink(missing_ok=True)
                 raise
             _fsync_dir(self.blobs)
-        return sha
 
     def read_blob(self, sha: str) -> bytes:
         data = (self.blobs / sha).read_bytes()
@@ -272,14 +275,17 @@ class AdapterStore:
         return data
 
     def _drop_blob_if_unreferenced(self, sha: str) -> None:
-        if self._db().execute("SELECT 1 FROM adapters WHERE sha256 = ?", (sha,)).fetchone() is None:
-            (self.blobs / sha).unlink(missing_ok=True)
+        """Remove blob ``sha`` if no row references it (its own write transaction)."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM adapters WHERE sha256 = ?", (sha,)).fetchone() is None:
+                (self.blobs / sha).unlink(missing_ok=True)
 
     def recover(self) -> tuple[int, int]:
         """Remove crash debris (temp files) and blobs no row references: (debris, blobs) removed.
-        Run at server start only (another process may be between a blob write and its commit)."""
-        with self._write_lock:
-            referenced = {r[0] for r in self._db().execute("SELECT sha256 FROM adapters")}
+        Safe while other processes use the store: it holds the write lock they hold from blob
+        write to commit."""
+        with self._write_lock, self._tx() as db:
+            referenced = {r[0] for r in db.execute("SELECT sha256 FROM adapters")}
             debris = blobs = 0
             for p in self.blobs.iterdir():
                 if p.name.startswith(TMP_PREFIX) or not p.is_file():
@@ -297,9 +303,10 @@ class AdapterStore:
         """Store (or replace) ``tenant/name`` in one transaction: (new entry, replaced entry)."""
         size = len(config) + len(weights)
         with self._write_lock:
-            sha = self._write_blob(weights)
+            sha = hashlib.sha256(weights).hexdigest()
             try:
-                with self._tx() as db:
+                with self._tx() as db:  # the write lock from the blob's first byte to the commit
+                    self._write_blob(sha, weights)
                     self._ensure_tenant(db, tenant)
                     old = self._entry(db, tenant, name)
                     self._check_quota(db, tenant, size, old)
