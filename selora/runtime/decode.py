@@ -2,11 +2,14 @@
 on a few threads, shared fairly between requests.
 
 Every call of ``run``/``map`` is one *flow* (a request) of jobs, each with a cost (pixels for an
-image, 1 otherwise). Threads take the next job from the flow with the least virtual time
-(start-time fair queueing: a flow's virtual time grows by the cost of each job it gets, and a
-new flow starts at the current virtual time), so a request of many large images gets its share
-and no more: a small request arriving behind it is served next. One thread is reserved for
-small jobs (cost ≤ ``small``), so a normal request never waits for a large decode to finish.
+image, 1 otherwise), and belongs to a *client* (the tenant the request comes from; a call without
+one is a client of its own). Threads take the next job of the client with the least virtual
+time, and within it of its flow with the least (start-time fair queueing on both levels: virtual
+times grow by the cost of each job taken, and a new client or flow starts at the current virtual
+time). So a client sending many large images, in one request or in many at once, gets one share
+and no more: another client's request arriving behind them is served next, and the client's own
+requests share its part. One thread is reserved for small jobs (cost ≤ ``small``), so a normal
+request never waits for a large decode to finish, whoever sent that.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Callable
 
 @dataclass
 class _Flow:
+    client: Any
     vtime: float
     jobs: deque = field(default_factory=deque)  # (cost, fn, args, future, loop)
 
@@ -28,7 +32,8 @@ class _Flow:
 class FairDecoder:
     def __init__(self, threads: int = 2, reserved_small: int = 1, small: int = 1 << 20, name: str = "selora-decode"):
         self.small = small
-        self._flows: dict[int, _Flow] = {}
+        self._flows: dict[int, _Flow] = {}  # one per call
+        self._clients: dict[Any, float] = {}  # virtual time of each client with queued jobs
         self._ids = itertools.count()
         self._vtime = 0.0
         self._cond = threading.Condition()
@@ -40,20 +45,23 @@ class FairDecoder:
         for t in self._threads:
             t.start()
 
-    async def run(self, fn: Callable, *args, cost: int = 1) -> Any:
-        """``fn(*args)`` as a flow of one job."""
-        return (await self.map(fn, [args], [cost]))[0]
+    async def run(self, fn: Callable, *args, cost: int = 1, client: str | None = None) -> Any:
+        """``fn(*args)`` as a flow of one job of ``client``."""
+        return (await self.map(fn, [args], [cost], client))[0]
 
-    async def map(self, fn: Callable, args_list: list[tuple], costs: list[int]) -> list:
-        """``[fn(*args) for args in args_list]`` as one flow; the first error is raised."""
+    async def map(self, fn: Callable, args_list: list[tuple], costs: list[int], client: str | None = None) -> list:
+        """``[fn(*args) for args in args_list]`` as one flow of ``client`` (None: a client of its
+        own); the first error is raised."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in args_list]
         with self._cond:
             if self._closed:
                 raise RuntimeError("decoder is closed")
-            flow = _Flow(self._vtime)
+            flow_id = next(self._ids)
+            who = ("call", flow_id) if client is None else ("client", client)
+            flow = _Flow(who, self._clients.setdefault(who, self._vtime))
             flow.jobs.extend((c, fn, a, f, loop) for c, a, f in zip(costs, args_list, futures))
-            self._flows[next(self._ids)] = flow
+            self._flows[flow_id] = flow
             self._cond.notify_all()
         try:
             return list(await asyncio.gather(*futures))
@@ -69,26 +77,34 @@ class FairDecoder:
             t.join()
 
     def _next(self, small_only: bool):
-        """The head job of the eligible flow with the least virtual time (lock held)."""
-        best_id, best = None, None
+        """The head job of the eligible flow of least (client, flow) virtual time (lock held)."""
+        best_id, best, best_key = None, None, None
         for flow_id, flow in list(self._flows.items()):
             while flow.jobs and flow.jobs[0][3].cancelled():
                 flow.jobs.popleft()
             if not flow.jobs:
-                del self._flows[flow_id]
+                self._drop(flow_id)
                 continue
             if small_only and flow.jobs[0][0] > self.small:
                 continue
-            if best is None or flow.vtime < best.vtime:
-                best_id, best = flow_id, flow
+            key = (self._clients[flow.client], flow.vtime)
+            if best is None or key < best_key:
+                best_id, best, best_key = flow_id, flow, key
         if best is None:
             return None
         job = best.jobs.popleft()
-        self._vtime = max(self._vtime, best.vtime)
+        self._vtime = max(self._vtime, best_key[0])
+        self._clients[best.client] += job[0]
         best.vtime += job[0]
         if not best.jobs:
-            del self._flows[best_id]
+            self._drop(best_id)
         return job
+
+    def _drop(self, flow_id: int) -> None:
+        """Forget an empty flow, and its client once it has no other."""
+        client = self._flows.pop(flow_id).client
+        if all(f.client != client for f in self._flows.values()):
+            del self._clients[client]
 
     def _work(self, small_only: bool) -> None:
         while True:

@@ -139,11 +139,12 @@ class Engine:
         self._decoder.close()
 
     # -- public calls -------------------------------------------------------------------
-    async def embed(self, model: str, modality: str, inputs: list, normalize: bool = False) -> Embeddings:
-        """Embeddings of ``inputs`` under adapter ``model`` (or ``"base"``) and the tokens they took."""
-        record = await self._pin(model)
+    async def embed(self, model: str, modality: str, inputs: list, normalize: bool = False, client: str | None = None) -> Embeddings:
+        """Embeddings of ``inputs`` under adapter ``model`` (or ``"base"``) and the tokens they took;
+        ``client`` (the caller's tenant) is whose share of the decoder the request's work takes."""
+        record = await self._pin(model, client)
         try:
-            job = await self._job(modality, inputs, record)
+            job = await self._job(modality, inputs, record, client)
             out = await self._run(job)
         finally:
             self._unpin(record)
@@ -172,16 +173,17 @@ class Engine:
         size = record.entry.info.get("input_size") if record is not None else None
         return tuple(size) if size else self.backbone.input_size
 
-    async def classify(self, model: str, images: list, labels: list[str] | None, top_k: int) -> list[list[tuple[str, float]]]:
+    async def classify(self, model: str, images: list, labels: list[str] | None, top_k: int,
+                       client: str | None = None) -> list[list[tuple[str, float]]]:
         """Per image, the ``top_k`` (label, probability) pairs: zero-shot over ``labels`` with a
         CLIP base, else the adapter's own head."""
         if labels is not None and "text" not in self.backbone.modalities:
             raise NoClassifierError(f"zero-shot labels need a CLIP base; {self.backbone.model_id} has no text tower")
         if labels is not None and (not labels or len(labels) > self.limits.max_inputs or len(set(labels)) != len(labels)):
             raise InputError(f"labels must be 1 to {self.limits.max_inputs} distinct class names")
-        record = await self._pin(model)
+        record = await self._pin(model, client)
         try:
-            job = await self._job("image", images, record)
+            job = await self._job("image", images, record, client)
             if labels is None:
                 head = await self._head(record)
             emb = await self._run(job)
@@ -201,17 +203,18 @@ class Engine:
         return [[(classes[j], float(p)) for p, j in zip(ps.tolist(), js.tolist())] for ps, js in zip(top.values, top.indices)]
 
     # -- request side -------------------------------------------------------------------
-    async def _job(self, modality: str, inputs: list, record: AdapterRecord | None) -> Job:
+    async def _job(self, modality: str, inputs: list, record: AdapterRecord | None, client: str | None) -> Job:
         """Inputs decoded on the fair decoder, off the event loop (images at the size of
         ``record``, their headers checked before any pixel is decoded), as a queued job."""
         if modality == "text":
             size = None
-            tensors = await self._decoder.run(tokenize_texts, self.backbone, inputs, self.limits)
+            tensors = await self._decoder.run(tokenize_texts, self.backbone, inputs, self.limits, client=client)
         elif modality == "image":
             size = self.input_size(record)
-            images = await self._decoder.run(open_images, inputs, self.limits)  # headers only: costs bounded first
+            images = await self._decoder.run(open_images, inputs, self.limits, client=client)  # headers only: costs bounded first
             transform = self.backbone.sizes.transform(size)
-            pixels = await self._decoder.map(preprocess_image, [(transform, img) for img in images], [img.width * img.height for img in images])
+            pixels = await self._decoder.map(preprocess_image, [(transform, img) for img in images],
+                                             [img.width * img.height for img in images], client)
             tensors = torch.stack(pixels).to(self.backbone.dtype)
         else:
             raise InputError(f"modality must be 'image' or 'text', got {modality!r}")
@@ -222,11 +225,11 @@ class Engine:
             return int((job.inputs != 0).sum())  # open_clip pads with 0
         return job.rows * self.backbone.sizes.tokens(job.size)
 
-    async def _pin(self, model: str) -> AdapterRecord | None:
+    async def _pin(self, model: str, client: str | None = None) -> AdapterRecord | None:
         """The current record of ``model``, pinned (an unknown adapter is a 404 before any decoding)."""
         if model == BASE:
             return None
-        return await self._decoder.run(self.registry.pin, model)
+        return await self._decoder.run(self.registry.pin, model, client=client)
 
     def _unpin(self, record: AdapterRecord | None) -> None:
         if record is not None:

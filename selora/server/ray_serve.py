@@ -96,12 +96,14 @@ class EngineReplica:
         tenant, name, _ = parse_model_id(mid)
         return f"{tenant}/{name}"
 
-    async def embed(self, mid: str, modality: str, inputs: list, normalize: bool) -> tuple[tuple[np.ndarray, int], str]:
-        out = await self.engine.embed(await self._prepared(mid), modality, inputs, normalize)
+    async def embed(self, mid: str, modality: str, inputs: list, normalize: bool,
+                    client: str | None = None) -> tuple[tuple[np.ndarray, int], str]:
+        out = await self.engine.embed(await self._prepared(mid), modality, inputs, normalize, client)
         return (out.vectors.numpy(), out.tokens), self.replica_id
 
-    async def classify(self, mid: str, images: list, labels: list[str] | None, top_k: int) -> tuple[list, str]:
-        return await self.engine.classify(await self._prepared(mid), images, labels, top_k), self.replica_id
+    async def classify(self, mid: str, images: list, labels: list[str] | None, top_k: int,
+                       client: str | None = None) -> tuple[list, str]:
+        return await self.engine.classify(await self._prepared(mid), images, labels, top_k, client), self.replica_id
 
 
 class RemoteEngine:
@@ -174,12 +176,12 @@ class RemoteEngine:
             return result
         raise ReplicaUnavailableError("no engine replica answered; retry shortly")
 
-    async def embed(self, model: str, modality: str, inputs: list, normalize: bool = False) -> Embeddings:
-        vectors, tokens = await self._call("embed", model, modality, inputs, normalize)
+    async def embed(self, model: str, modality: str, inputs: list, normalize: bool = False, client: str | None = None) -> Embeddings:
+        vectors, tokens = await self._call("embed", model, modality, inputs, normalize, client)
         return Embeddings(torch.from_numpy(vectors), tokens)
 
-    async def classify(self, model: str, images: list, labels: list[str] | None, top_k: int) -> list:
-        return await self._call("classify", model, images, labels, top_k)
+    async def classify(self, model: str, images: list, labels: list[str] | None, top_k: int, client: str | None = None) -> list:
+        return await self._call("classify", model, images, labels, top_k, client)
 
 
 class ReplicaHeader:

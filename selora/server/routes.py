@@ -173,7 +173,7 @@ async def embeddings(body: schemas.EmbeddingRequest, request: Request, engine: E
     """OpenAI-compatible embeddings of images or texts, under an adapter or the base."""
     openai_compat.check_dimensions(body.dimensions, engine.backbone.embed_dim)
     modality = openai_compat.resolve_modality(body.modality, body.input, engine.backbone.modalities)
-    out = await engine.embed(_model(request, caller, body.model), modality, body.input, body.normalize)
+    out = await engine.embed(_model(request, caller, body.model), modality, body.input, body.normalize, caller.tenant)
     rows = openai_compat.encode(out.vectors, body.encoding_format)
     return {
         "model": body.model,
@@ -185,7 +185,7 @@ async def embeddings(body: schemas.EmbeddingRequest, request: Request, engine: E
 @router.post("/v1/classify", response_model=schemas.ClassifyResponse, tags=["inference"])
 async def classify(body: schemas.ClassifyRequest, request: Request, engine: Engine = Depends(get_engine),
                    caller: Caller = Depends(get_caller)) -> dict:
-    results = await engine.classify(_model(request, caller, body.model), body.input, body.labels, body.top_k)
+    results = await engine.classify(_model(request, caller, body.model), body.input, body.labels, body.top_k, caller.tenant)
     return {
         "model": body.model,
         "data": [{"index": i, "predictions": [{"label": l, "score": s} for l, s in preds]} for i, preds in enumerate(results)],

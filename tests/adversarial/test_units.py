@@ -81,7 +81,9 @@ def test_serving_proof_depends_on_the_dtype(tmp_path, tiny_vit):
         check_serving(adapter, ServingTarget(target.embed_dim, torch.float16, target.base_weight))
 
 
-def test_fair_decoder_serves_a_small_flow_before_a_large_one_finishes():
+@pytest.mark.parametrize("client", [None, "one-tenant"], ids=["own-clients", "same-client"])
+def test_fair_decoder_serves_a_small_flow_before_a_large_one_finishes(client):
+    """Also when both come from one client (a server without keys: every caller is one tenant)."""
     decoder = FairDecoder(threads=2, reserved_small=1, small=10)
     order, gate = [], threading.Event()
 
@@ -92,9 +94,9 @@ def test_fair_decoder_serves_a_small_flow_before_a_large_one_finishes():
         return name
 
     async def main():
-        big = asyncio.ensure_future(decoder.map(job, [(f"big{i}",) for i in range(4)], [1000] * 4))
+        big = asyncio.ensure_future(decoder.map(job, [(f"big{i}",) for i in range(4)], [1000] * 4, client))
         await asyncio.sleep(0.05)
-        small = await decoder.run(job, "small", cost=1)  # served by the reserved thread meanwhile
+        small = await decoder.run(job, "small", cost=1, client=client)  # served by the reserved thread meanwhile
         gate.set()
         return small, await big
 
@@ -104,3 +106,32 @@ def test_fair_decoder_serves_a_small_flow_before_a_large_one_finishes():
         decoder.close()
     assert small == "small" and big == ["big0", "big1", "big2", "big3"]
     assert order[0] == "small"
+
+
+def test_fair_decoder_shares_per_client_not_per_request():
+    """A client sending many expensive requests at once gets one share: another client's request,
+    arriving behind them, is decoded next (per request, it would wait for one job of each)."""
+    decoder = FairDecoder(threads=2, reserved_small=1, small=10)
+    order, gate = [], threading.Event()
+
+    def job(name):
+        if name == "a0.0":
+            gate.wait(10)  # holds the one general thread while the queue fills
+        order.append(name)
+        return name
+
+    async def main():
+        flood = [asyncio.ensure_future(decoder.map(job, [(f"a{r}.{i}",) for i in range(2)], [1000] * 2, "tenant-a"))
+                 for r in range(3)]
+        await asyncio.sleep(0.05)
+        other = asyncio.ensure_future(decoder.run(job, "b", cost=1000, client="tenant-b"))
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(*flood, other)
+
+    try:
+        asyncio.run(main())
+    finally:
+        decoder.close()
+    assert order[:2] == ["a0.0", "b"]
+    assert order[2:] == ["a1.0", "a2.0", "a0.1", "a1.1", "a2.1"]  # the client's requests share its part
