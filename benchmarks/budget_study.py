@@ -14,8 +14,9 @@ blocks). Methods, at budgets k of the 72 blocks:
 - ``penalty``: the paper's own eq. 4 (λ·Σ|s|, no budget) at score lr 0.05, λ swept, to find
   where it selects 5-10 % of blocks instead of all or nothing.
 
-``--grid full`` (default) is the issue's grid: k in {1, 2, 4, 8} x r in {4, 16, 64}, ~130 runs,
-about 3 h of a quiet core. ``--grid quick`` is r 16, k in {1, 4, 8} and the penalty sweep. Runs
+``--grid full`` (default) is the issue's grid: k in {1, 2, 4, 8} x r in {4, 16, 64}, and the
+penalty at λ 0.014 / 0.022 / 0.03 also at r 4 and 64 (Fig. 8's rank trend), 156 runs, about 2 h
+of a quiet core. ``--grid quick`` is r 16, k in {1, 4, 8} and the penalty sweep. Runs
 are appended one by one to ``results/budget_study.json``; a rerun skips finished runs, so a cut
 sweep resumes with the same command. ``--report`` only rewrites the Markdown and plots.
 
@@ -61,6 +62,8 @@ def specs(grid: str, paper_order: list[str]) -> list[dict]:
         phases.append([{"name": "dora_r16", "method": "lora", "variant": "dora", "r": 16}])
         phases += [[{"name": f"lora_r{r}", "method": "lora", "r": r}] + [s for k in budgets for s in at(r, k)]
                    for r in ranks[1:]]
+        phases.append([{"name": f"penalty_r{r}_lam{lam}", "method": "selective", "r": r, "lam": lam,  # Fig. 8: rank -> blocks
+                        "score_lr": PENALTY_SCORE_LR} for r in ranks[1:] for lam in PENALTY_LAMBDAS[::2]])
     out = []
     for phase in phases:
         for seed in SEEDS:

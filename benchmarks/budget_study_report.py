@@ -169,16 +169,20 @@ def plots(data: dict, groups: dict, out: Path) -> list[Path]:
     fig.savefig(made[-1], dpi=110)
     plt.close(fig)
 
-    pts = [(lam, groups[f"penalty_r16_lam{lam}"]) for lam in PENALTY_LAMBDAS if f"penalty_r16_lam{lam}" in groups]
-    if pts:
+    curves = {r: [(lam, groups[f"penalty_r{r}_lam{lam}"]) for lam in PENALTY_LAMBDAS if f"penalty_r{r}_lam{lam}" in groups]
+              for r in (4, 16, 64)}
+    if any(curves.values()):
         fig, ax = plt.subplots(figsize=(5, 3.8))
-        stats = [mean_std([100 * x["active_blocks"] / NUM_BLOCKS for x in g.values()]) for _, g in pts]
-        ax.errorbar([p[0] for p in pts], [s[0] for s in stats], yerr=[0 if s[1] != s[1] else s[1] for s in stats],
-                    fmt="o-", capsize=3)
+        for r, pts in curves.items():
+            if not pts:
+                continue
+            stats = [mean_std([100 * x["active_blocks"] / NUM_BLOCKS for x in g.values()]) for _, g in pts]
+            ax.errorbar([p[0] for p in pts], [s[0] for s in stats], yerr=[0 if s[1] != s[1] else s[1] for s in stats],
+                        fmt="o-", capsize=3, label=f"r = {r}")
         ax.axhspan(5, 10, color="C2", alpha=0.15, label="5-10 % (paper)")
         ax.set_xlabel("λ (paper eq. 4: λ·Σ|s|), score lr 0.05")
         ax.set_ylabel("active blocks (%), mean ± std")
-        ax.set_title("The paper's penalty: λ -> blocks kept, r=16 (cf. Fig. 8)", fontsize=9)
+        ax.set_title("The paper's penalty: λ -> blocks kept, per rank (cf. Fig. 8)", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         made.append(out / "budget_study_penalty_curve.png")
