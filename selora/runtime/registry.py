@@ -212,8 +212,9 @@ class AdapterRegistry:
         loaded = []
         for entry in self.store.entries():
             name = address(entry.tenant, entry.name)
-            if entry.info.get("base_fingerprint") != self.backbone.fingerprint:
-                log.warning("adapter %s is for another base (%s): not served", name, entry.info.get("base_model"))
+            why = self._unservable(entry)
+            if why is not None:
+                log.warning("adapter %s v%d is not served: %s", name, entry.version, why)
                 continue
             record = AdapterRecord(entry, entry.info["bytes"])
             with self._lock:
@@ -227,6 +228,22 @@ class AdapterRegistry:
                 self._by_key[record.key] = record
             loaded.append(name)
         return loaded
+
+    def _unservable(self, entry) -> str | None:
+        """Why a stored adapter cannot serve on this server (None: it can). Uploads are checked
+        before they commit; this catches what ``selora store import`` (no model loaded) or a
+        server with another base or smaller budgets left in the store."""
+        info = entry.info
+        if info.get("base_fingerprint") != self.backbone.fingerprint:
+            return f"it is for another base ({info.get('base_model')})"
+        if info["bytes"] > self.host.budget:
+            return f"it needs {info['bytes']} bytes, more than the host cache budget {self.host.budget}"
+        if info.get("input_size") is not None:
+            try:
+                self.backbone.sizes.check(info["input_size"])
+            except InputSizeError as e:
+                return f"trained at {info['input_size']} px: {e}"
+        return None
 
     def import_dir(self, tenant: str, name: str, path: str) -> AdapterRecord:
         """Copy the adapter directory ``path`` under the import root into the store as ``tenant/name``."""

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 import random
 
@@ -240,3 +241,19 @@ def test_no_sequence_of_loads_replacements_and_evictions_serves_other_bytes(tmp_
                 checked += 1
             reg.unpin(record)
     assert checked > 20 and reg.host.nbytes <= reg.host.budget and reg.device.nbytes <= reg.device.budget
+
+
+def test_preload_skips_what_a_model_less_import_let_in(three, tiny_vit, caplog):
+    """``selora store import`` loads no model: an adapter at a size this base cannot run, or
+    larger than the host cache, is stored; the server then refuses to serve it, saying why."""
+    root, sizes = three
+    config = json.loads((root / "y" / CONFIG_NAME).read_text())
+    (root / "y" / CONFIG_NAME).write_text(json.dumps(config | {"input_size": [33, 33]}))
+    write_adapter(tiny_vit, root, "w", active=list(tiny_vit.blocks)[:6])  # three times x's blocks
+    store = AdapterStore(root.parent / "store")
+    assert import_tree(store, root, "default") == ["w", "x", "y", "z"]  # no table, no size check
+    reg = AdapterRegistry(tiny_vit, store, host_budget=sizes["x"], device_budget=1 << 20)
+    with caplog.at_level("WARNING"):
+        assert reg.preload() == ["default/x", "default/z"]
+    assert "default/y v3 is not served: trained at [33, 33] px" in caplog.text
+    assert "default/w v1 is not served: it needs" in caplog.text
