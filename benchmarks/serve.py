@@ -143,12 +143,19 @@ def start_server(args, root: Path, port: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", args.model, "--import-root", str(root), "--store", f"{root}.store",
                "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return wait_ready(proc, port, 600)
+
+
+def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float) -> subprocess.Popen:
+    """``proc`` once its ``/ready`` answers 200; ``SystemExit`` if it exits or times out first
+    (with its stderr when that was piped)."""
     import httpx
 
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}: {' '.join(cmd)}")
+            why = proc.stderr.read() if proc.stderr else ""
+            raise SystemExit(f"server exited with {proc.returncode}: {' '.join(map(str, proc.args))}\n{why}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
                 return proc

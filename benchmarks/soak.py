@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import random
-import socket
 import struct
 import subprocess
 import sys
@@ -43,6 +42,9 @@ import httpx
 import numpy as np
 import psutil
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve import free_port, wait_ready  # noqa: E402  (sibling script: one way to start and wait for a server)
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "tiny-clip"
@@ -97,16 +99,7 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "selora.cli", "serve", "--model", MODEL, "--import-root", str(root), "--store", f"{root}.store",
            "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("server never became ready")
+    return wait_ready(proc, port, 120)
 
 
 class Soak:
@@ -268,10 +261,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="normal clients")
     parser.add_argument("--attackers", type=int, default=2, help="clients sending the largest allowed images")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
         root, staging = Path(tmp) / "root", Path(tmp) / "staging"
         versions = write_versions(root, staging)
         proc = start_server(root, port)
