@@ -53,7 +53,8 @@ def build_engine(settings: Settings, metrics: Metrics | None = None, backbone: B
         backbone.model_id, backbone.library, len(backbone.blocks), backbone.fingerprint, backbone.device,
         str(backbone.dtype).removeprefix("torch."), config.backend, len(names),
     )
-    warmed = warm_up(backbone, settings.max_batch_size, config)  # compiles the GPU kernels before /ready
+    sizes = [r.entry.info["input_size"] for r in registry.current() if r.entry.info.get("input_size")]
+    warmed = warm_up(backbone, settings.max_batch_size, config, sizes=sizes)  # compiles the GPU kernels before /ready
     if warmed:
         log.info("warm-up: %d forwards compiled and tuned the kernel for batches up to %d", warmed, settings.max_batch_size)
     return Engine(
