@@ -3,7 +3,8 @@
 # H100/H200):
 #
 #   1. kernel_tests     the compiled-kernel tests (fp32, fp16, bf16 against the torch reference;
-#                       the autotuner's choice recorded)                      tests/kernels -k cuda
+#                       the autotuner's choice recorded), and CUDA-graph capture and replay
+#                       against the eager forward (--cuda-graphs)  tests/kernels tests/runtime/test_graphs.py
 #   2. kernel_targets   the kernel benchmark's targets preset                 benchmarks/kernel.py
 #   3. host_overhead    host time per batch and mixed/base forward on the GPU benchmarks/host_overhead.py
 #   4. serve            the server on DINOv2-S in bfloat16, with adapters and without (the ratio
@@ -40,13 +41,15 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 }
 
 if [ -n "$GPU" ]; then
-    step kernel_tests 120 "$PY" -m pytest tests/kernels -q -rs -k "cuda or autotune" --junitxml "$OUT/kernel_tests.xml"
+    step kernel_tests 150 "$PY" -m pytest tests/kernels tests/runtime/test_graphs.py -q -rs -k "cuda or autotune or graphs" \
+        --junitxml "$OUT/kernel_tests.xml"
     step kernel_targets 150 "$PY" benchmarks/kernel.py --preset targets --rep-ms 50 --out "$OUT/kernel_targets"
     step host_overhead 90 "$PY" benchmarks/host_overhead.py --quick --out "$OUT/host_overhead"
     step serve 170 "$PY" benchmarks/serve.py --model dinov2-small --seconds 8 --warmup 2 --concurrency 1 32 \
         --adapters 8 --image-size 224 --out "$OUT/serve_dinov2-small"
 else
-    step kernel_tests 300 "$PY" -m pytest tests/kernels -q -rs -k interpreter --junitxml "$OUT/kernel_tests.xml"
+    step kernel_tests 300 "$PY" -m pytest tests/kernels tests/runtime/test_graphs.py -q -rs -k "interpreter or graphs" \
+        --junitxml "$OUT/kernel_tests.xml"
     step kernel_targets 300 "$PY" benchmarks/kernel.py --smoke --out "$OUT/kernel_targets"
     step host_overhead 300 "$PY" benchmarks/host_overhead.py --quick --reps 10 --forward-reps 3 --out "$OUT/host_overhead"
     step serve 300 "$PY" benchmarks/serve.py --quick --seconds 2 --warmup 1 --concurrency 1 8 --adapters 8 \

@@ -85,16 +85,15 @@ class StaleAdapterError(RuntimeError):
     """A batch named an adapter whose slots were released (evicted): a registry bug, never served."""
 
 
-def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int, int, int]], config: KernelConfig) -> ModelBatch:
-    """The batch's metadata, valid until the next batch is built on the same slots.
-
-    Host work is a fixed number of NumPy operations on arrays of one row per (adapter present,
-    active block): no loop over blocks, adapters or sites (a site's ``LayerBatch`` is made when
-    its layer runs, ``SiteLayers``)."""
+def batch_rows(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int, int, int]]):
+    """The batch's metadata rows on the host, sorted by site, offsets filled: ``(slots, rows,
+    per_site)`` — ``rows`` int32 ``[entries, META_STRIDE + 1]`` (the last column is the site),
+    ``per_site`` the entry count of each site — or None when no row has an active block.
+    A fixed number of NumPy operations, whatever the number of adapters, blocks and sites."""
     present = [(adapters[i], start, end) for i, start, end in groups if i >= 0 and adapters[i] is not None]
     present = [(d, s, e) for d, s, e in present if d.num_blocks]
     if not present:
-        return ModelBatch(config)
+        return None
     slots = present[0][0].slots
     for dev, _, _ in present:
         if dev.released or dev.slots is not slots:
@@ -109,9 +108,23 @@ def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int
     rows = rows[np.argsort(rows[:, SITE_COLUMN], kind="stable")]
     site = rows[:, SITE_COLUMN]
     per_site = np.bincount(site, minlength=len(slots.site_names))
+    begins = np.cumsum(per_site) - per_site
+    rows[:, c["item_rank_offset"]] = segment_offsets(rows, begins[site])
+    return slots, rows, per_site
+
+
+def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int, int, int]], config: KernelConfig) -> ModelBatch:
+    """The batch's metadata, valid until the next batch is built on the same slots.
+
+    Host work is ``batch_rows`` and a few NumPy operations more: no loop over blocks, adapters
+    or sites (a site's ``LayerBatch`` is made when its layer runs, ``SiteLayers``)."""
+    found = batch_rows(adapters, groups)
+    if found is None:
+        return ModelBatch(config)
+    slots, rows, per_site = found
+    c = COLUMN
     ends = np.cumsum(per_site)
     begins = ends - per_site
-    rows[:, c["item_rank_offset"]] = segment_offsets(rows, begins[site])
     host = np.ascontiguousarray(rows[:, :META_STRIDE])
     meta = slots.meta[: len(host)]
     meta.copy_(torch.from_numpy(host))  # the batch's one host-to-device copy

@@ -34,6 +34,7 @@ from selora.models.prompts import zero_shot_weights
 from selora.kernels.config import KernelConfig
 from selora.runtime.batch import forward_mixed
 from selora.runtime.decode import FairDecoder
+from selora.runtime.graphs import CudaGraphs
 from selora.runtime.inputs import InputError, Limits, open_images, preprocess_image, tokenize_texts
 from selora.runtime.registry import AdapterRecord, AdapterRegistry, UnknownAdapterError
 from selora.runtime.slots import DeviceAdapter
@@ -99,9 +100,11 @@ class Engine:
         max_queue: int = 512,
         on_batch: Callable[[str, int], None] | None = None,
         config: KernelConfig | None = None,
+        graphs: CudaGraphs | None = None,
     ):
         self.backbone, self.registry, self.limits = backbone, registry, limits
         self.config = config or KernelConfig.resolve(backbone.device)
+        self.graphs = graphs  # captured forwards (--cuda-graphs), replayed for base-size batches they hold
         self.max_batch_size, self.max_wait, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
         self.on_batch = on_batch or (lambda modality, rows: None)
         self.queued_rows = 0
@@ -295,7 +298,7 @@ class Engine:
             idx = [i for i, j in enumerate(jobs) if j.shape_key == key]
             try:
                 with self.backbone.sizes.at(size) if size is not None else contextlib.nullcontext():
-                    outs = self._forward_modality(modality, [jobs[i] for i in idx])
+                    outs = self._forward_modality(modality, [jobs[i] for i in idx], size in (None, self.backbone.input_size))
             except Exception as e:  # one failing forward fails its jobs, never the loop
                 log.exception("forward of %d %s jobs failed", len(idx), modality)
                 outs = [e] * len(idx)
@@ -303,7 +306,7 @@ class Engine:
                 results[i] = out
         return results
 
-    def _forward_modality(self, modality: str, jobs: list[Job]) -> list[torch.Tensor | BaseException]:
+    def _forward_modality(self, modality: str, jobs: list[Job], at_base_size: bool = True) -> list[torch.Tensor | BaseException]:
         records: list[AdapterRecord] = []
         slot: dict[int, int] = {}
         for job in jobs:
@@ -314,10 +317,15 @@ class Engine:
         row_adapter = [slot[id(j.record)] if j.record is not None else -1 for j in jobs for _ in range(j.rows)]
         inputs = torch.cat([j.inputs for j in jobs]).to(self.backbone.device)
         self.on_batch(modality, inputs.shape[0])
-        out = self._encode(modality, inputs, adapters, row_adapter).cpu()
+        out = self._encode(modality, inputs, adapters, row_adapter, at_base_size).cpu()
         return [o if torch.isfinite(o).all() else _non_finite(j.record) for j, o in zip(jobs, out.split([j.rows for j in jobs]))]
 
-    def _encode(self, modality: str, inputs: torch.Tensor, adapters: list[DeviceAdapter], row_adapter: list[int]) -> torch.Tensor:
+    def _encode(self, modality: str, inputs: torch.Tensor, adapters: list[DeviceAdapter], row_adapter: list[int],
+                at_base_size: bool = True) -> torch.Tensor:
+        if self.graphs is not None and at_base_size:
+            out = self.graphs.run(modality, inputs, adapters, row_adapter)
+            if out is not None:
+                return out
         return forward_mixed(self.backbone, inputs, adapters, row_adapter, modality, self.config)  # metadata built once per batch
 
     def _zero_shot_weights(self, record: AdapterRecord | None, labels: tuple[str, ...]) -> torch.Tensor:

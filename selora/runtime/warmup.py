@@ -40,6 +40,12 @@ def sample_inputs(backbone: Backbone, modality: str, size: tuple[int, int] | Non
     return backbone.tokenize(["warm-up"])[0]
 
 
+def device_sample(backbone: Backbone, modality: str, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``sample_inputs`` on the backbone's device, images in its dtype."""
+    one = sample_inputs(backbone, modality, size).to(backbone.device)
+    return one.to(backbone.dtype) if one.is_floating_point() else one
+
+
 @torch.inference_mode()
 def warm_up(backbone: Backbone, max_batch_size: int, config: KernelConfig, force: bool = False,
             sizes: Iterable[tuple[int, int]] = ()) -> int:
@@ -57,9 +63,7 @@ def warm_up(backbone: Backbone, max_batch_size: int, config: KernelConfig, force
     runs = 0
     extra = sorted({tuple(s) for s in sizes} - {tuple(backbone.input_size)}) if "image" in backbone.modalities else []
     for modality, size in [(m, None) for m in backbone.modalities] + [("image", s) for s in extra]:
-        one = sample_inputs(backbone, modality, size).to(backbone.device)
-        if one.is_floating_point():
-            one = one.to(backbone.dtype)
+        one = device_sample(backbone, modality, size)
         with backbone.sizes.at(size) if size is not None else contextlib.nullcontext():
             for (variant, rank), adapter in zip(VARIANTS, adapters):
                 log.info("warm-up: %s tower%s, %s r%d, batches 1..%d", modality, "" if size is None else f" at {list(size)} px",

@@ -23,7 +23,8 @@ from selora.models.factory import Backbone, load_backbone
 from selora.runtime.engine import Engine
 from selora.runtime.registry import AdapterRegistry, import_tree
 from selora.runtime.store import DEFAULT_TENANT, AdapterStore
-from selora.runtime.warmup import warm_up
+from selora.runtime.graphs import CudaGraphs
+from selora.runtime.warmup import device_sample, warm_up
 from selora.server import docs, errors, openapi
 from selora.server.auth import Authenticate, OriginGate
 from selora.server.body import BodyGate
@@ -57,9 +58,14 @@ def build_engine(settings: Settings, metrics: Metrics | None = None, backbone: B
     warmed = warm_up(backbone, settings.max_batch_size, config, sizes=sizes)  # compiles the GPU kernels before /ready
     if warmed:
         log.info("warm-up: %d forwards compiled and tuned the kernel for batches up to %d", warmed, settings.max_batch_size)
+    graphs = None
+    if settings.cuda_graphs:  # kernel_config() refused it unless CUDA + Triton
+        graphs = CudaGraphs(backbone, registry.slots, config, settings.max_batch_size)
+        made = graphs.capture({m: device_sample(backbone, m) for m in backbone.modalities})
+        log.info("CUDA graphs: %d captured (batch buckets %s)", made, graphs.buckets)
     return Engine(
         backbone, registry, settings.limits, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-        metrics.on_batch if metrics else None, config,
+        metrics.on_batch if metrics else None, config, graphs,
     )
 
 

@@ -46,6 +46,7 @@ class Settings:
     kernel: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
     base_gemm: str | None = None  # fused | library (default: the GPU's tuning data)
     split_shrink_rank: int | None = None  # larger block ranks use the split shrink (default: tuning data)
+    cuda_graphs: bool = False  # replay captured forwards per batch-size bucket (CUDA + Triton only; unmeasured: off)
     max_body_mb: float = 32.0  # request body size (413 beyond)
     max_inputs: int = 64  # inputs per request (413 beyond)
     max_image_pixels: int = 4096 * 4096  # decoded image width x height (413 beyond)
@@ -102,9 +103,13 @@ class Settings:
 
         """The kernel configuration, resolved once at start-up; refused here if it cannot run."""
         try:
-            return KernelConfig.resolve(self.torch_device(), self.kernel, self.base_gemm, self.split_shrink_rank)
+            config = KernelConfig.resolve(self.torch_device(), self.kernel, self.base_gemm, self.split_shrink_rank)
         except KernelConfigError as e:
             raise SettingsError(str(e)) from None
+        if self.cuda_graphs and config.backend != "triton":
+            raise SettingsError(f"--cuda-graphs needs a CUDA GPU and the compiled Triton kernel; this server would run the "
+                                f"{config.backend} backend on {self.torch_device()}")
+        return config
 
     @classmethod
     def load(cls, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> "Settings":
@@ -156,6 +161,8 @@ HELP = {
     "kernel": "adapted-layer backend: auto (Triton on CUDA, torch elsewhere), triton (on CPU: Triton's interpreter) or torch",
     "base_gemm": "where the Triton path runs x·W0ᵀ: fused (in the kernel) or library (torch's GEMM first)",
     "split_shrink_rank": "block ranks above this use the split (two-launch) shrink",
+    "cuda_graphs": "capture the forward once per batch-size bucket at start-up and replay it (CUDA and Triton only; "
+                   "not yet measured on a GPU, so off by default)",
     "max_body_mb": "request body size limit (413)",
     "max_inputs": "inputs per request (413)",
     "max_image_pixels": "pixels of one decoded image (413)",
