@@ -26,7 +26,6 @@ import open_clip
 import peft
 import timm
 import torch
-from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME

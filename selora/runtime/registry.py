@@ -27,7 +27,6 @@ Safety rules:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
