@@ -1,6 +1,8 @@
 """Markdown tables and plots from ``budget_study.json``: mean ± std over seeds, paired differences
 with a t-test over seeds, accuracy against % of blocks, retention against in-distribution
-accuracy, the penalty's λ -> blocks curve and the blocks chosen across seeds."""
+accuracy, the penalty's λ -> blocks curve and the blocks chosen across seeds. At another image
+size (``budget_study_{N}px.json``) also the paired comparison with the same configs at 28 px and
+the serve check (``budget_study_{N}px_serve.json``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import statistics
 from itertools import combinations
 from pathlib import Path
 
-from budget_study import EXTRA_SEEDS, GATE, PENALTY_LAMBDAS, SEEDS, specs
+from budget_study import BASE_SIZE, EXTRA_SEEDS, GATE, JSON_PATH, PENALTY_LAMBDAS, SEEDS, json_path, specs
 from paper_repro_report import ALL_BLOCKS, NUM_BLOCKS
 
 from selora.training.inspect import plot_heatmap
@@ -99,6 +101,48 @@ def comparisons(groups: dict) -> str:
     return "\n".join(lines)
 
 
+def by_size(groups: dict, base: dict, size: int) -> str:
+    """Every config run at both sizes: mean ± std at each over the seeds both have, and the paired
+    difference (same seed: same training subset, batch order, A init and random blocks; the same
+    test images)."""
+    lines = [f"| Method | R | k | seeds | top-1 {BASE_SIZE} px | top-1 {size} px | Δ top-1 ({size} − {BASE_SIZE}) | "
+             f"retention {BASE_SIZE} px | retention {size} px | Δ retention | config |", "|" + "---|" * 11]
+    for config in (c for c in groups if c in base):
+        seeds = sorted(set(groups[config]) & set(base[config]))
+        at_size, at_base = ({s: g[config][s] for s in seeds} for g in (groups, base))
+        cells = []
+        for key, _ in METRICS:
+            d, s, n, sig = paired(at_size, at_base, key)
+            cells += [fmt([x[key] for x in at_base.values()]), fmt([x[key] for x in at_size.values()]),
+                      f"{d:+.2f}" + ("" if n < 2 else f" ± {s:.2f}") + (" **(exceeds noise)**" if sig else "")]
+        method, r, k = label(config)
+        lines.append(f"| {method} | {r} | {k} | {n} | {' | '.join(cells)} | `{config}` |")
+    return "\n".join(lines)
+
+
+def serve_section(check: dict, size: int) -> list[str]:
+    n = check["images"]
+    return [f"## Served at {size} px: `{check['run']}` through `/v1/classify`", "",
+            f"`budget_study.py --image-size {size} --serve-check`: the adapter file records input_size "
+            f"{check['adapter_input_size']}; the upload answered input_size {check['uploaded_input_size']}, and "
+            f"`GET /v1/models/fmnist` serves it with `{json.dumps(check['served_preprocessing'])}` (the base runs "
+            f"at {check['base_input_size'][0]} px). The {n} test images of the evaluation, sent as 28 px PNGs:", "",
+            "| served top-1 | evaluated top-1 (this check) | id_top1 recorded by the sweep | predictions agreeing "
+            "(served vs evaluation) | agreeing (served vs the evaluation's forward on the server's pixels) |",
+            "|---|---|---|---|---|",
+            f"| {100 * check['served_top1']:.2f} | {100 * check['evaluated_top1']:.2f} | "
+            + (f"{100 * check['recorded_id_top1']:.2f}" if check["recorded_id_top1"] is not None else "-")
+            + f" | {check['agree_served_evaluated']} of {n} ({100 * check['agree_served_evaluated'] / n:.1f} %) | "
+            f"{check['agree_served_evaluated_on_server_pixels']} of {n} |", "",
+            f"Both paths upsample 28 -> {size} px with the same bicubic filter (torch's antialiased bicubic is "
+            "PIL's, a = -0.5), but training and evaluation resize float images (`to_pixels`) while the server's "
+            "timm eval transform resizes the uint8 image with PIL, rounding and clipping to 0-255 after each of "
+            "its two separable passes (bicubic overshoots at Fashion-MNIST's hard edges). The two inputs differ by "
+            f"{check['pixel_diff_mean']:.4f} on average, {check['pixel_diff_max']:.3f} at most (normalised pixels); "
+            f"where the last column is {n} of {n}, every disagreement comes from that resize, not from the served "
+            "forward.", ""]
+
+
 def jaccard(a: list[str], b: list[str]) -> float:
     return len(set(a) & set(b)) / len(set(a) | set(b)) if a or b else 1.0
 
@@ -133,7 +177,7 @@ def block_choices(groups: dict, paper_first: list[str]) -> str:
     return "\n".join(lines + [""] + stability)
 
 
-def plots(data: dict, groups: dict, out: Path) -> list[Path]:
+def plots(data: dict, groups: dict, out: Path, stem: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +207,7 @@ def plots(data: dict, groups: dict, out: Path) -> list[Path]:
             ax.set_title(f"{title}, r={r}", fontsize=10)
         row[1].legend(fontsize=7)
     fig.tight_layout()
-    made.append(out / "budget_study_accuracy_vs_blocks.png")
+    made.append(out / f"{stem}_accuracy_vs_blocks.png")
     fig.savefig(made[-1], dpi=110)
     plt.close(fig)
 
@@ -177,7 +221,7 @@ def plots(data: dict, groups: dict, out: Path) -> list[Path]:
     ax.set_ylabel("MNIST k-NN retention (%)")
     ax.set_title("Retention vs in-distribution accuracy (mean ± std over seeds)", fontsize=9)
     fig.tight_layout()
-    made.append(out / "budget_study_retention_vs_accuracy.png")
+    made.append(out / f"{stem}_retention_vs_accuracy.png")
     fig.savefig(made[-1], dpi=110)
     plt.close(fig)
 
@@ -197,23 +241,24 @@ def plots(data: dict, groups: dict, out: Path) -> list[Path]:
         ax.set_title("The paper's penalty: λ -> blocks kept, per rank (cf. Fig. 8)", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        made.append(out / "budget_study_penalty_curve.png")
+        made.append(out / f"{stem}_penalty_curve.png")
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
 
     learned = [r["blocks"] for c, g in groups.items() if c.startswith("learned_") for r in g.values()]
     if learned:
-        made.append(plot_heatmap(learned, ALL_BLOCKS, out / "budget_study_heatmap.png",
+        made.append(plot_heatmap(learned, ALL_BLOCKS, out / f"{stem}_heatmap.png",
                                  f"blocks chosen under a budget, {len(learned)} runs (cf. paper Fig. 11)"))
     return made
 
 
-def write_report(json_path: Path, out: Path) -> None:
-    data = json.loads(json_path.read_text())
+def write_report(path: Path, out: Path, grid: str = "full") -> None:
+    data = json.loads(path.read_text())
     groups = grouped(data["runs"])
     paper_first = data["paper_order"]
-    made = plots(data, groups, out)
-    full = {s["name"] for s in specs("full", paper_first)}
+    size = data["schedule"]["image_size"]
+    made = plots(data, groups, out, path.stem)
+    full = {s["name"] for s in specs(grid, paper_first)}
     missing = full - set(data["runs"])
     configs = {re.sub(r"_s\d+$", "", m) for m in missing}
     not_run = ", ".join(sorted(configs - set(groups))) or "none"
@@ -222,14 +267,16 @@ def write_report(json_path: Path, out: Path) -> None:
         config = re.sub(r"_s\d+$", "", name)
         planned[config] = planned.get(config, 0) + 1
     incomplete = ", ".join(f"{c} ({len(groups[c])} of {planned[c]} seeds)" for c in sorted(configs & set(groups))) or "none"
-    md = ["# The 5 % claim under a block budget, over seeds (issue 16): DINOv2-S, Fashion-MNIST -> MNIST", "",
+    extra = sorted({re.sub(r"_s\d+$", "", n) for n in full if int(re.search(r"_s(\d+)$", n)[1]) in EXTRA_SEEDS})
+    md = ["# The 5 % claim under a block budget, over seeds (issue 16): DINOv2-S, Fashion-MNIST -> MNIST"
+          + ("" if size == BASE_SIZE else f", at {size} px"), "",
           f"Command: `{data['command']}` (resumable: finished runs are skipped)  ",
           f"Machine: {data['machine']}  ",
           f"Schedule (every run; each run sets its seed, the gated ones λ and score lr): `{json.dumps(data['schedule'])}`  ",
           f"Evaluation: `{json.dumps(data['eval'])}`  ",
           f"Learned gates: `{json.dumps(GATE)}`; base model MNIST k-NN before training: {100 * data['retention_before']:.2f}", "",
-          f"Runs finished: {len(data['runs'])} of the full grid's {len(full)} ({len(SEEDS)} seeds each; "
-          f"{len(SEEDS) + len(EXTRA_SEEDS)} for linear, LoRA r 16 and k = 4 at r 16). "
+          f"Runs finished: {len(data['runs'])} of the {grid} grid's {len(full)} ({len(SEEDS)} seeds each"
+          + (f"; {len(SEEDS) + len(EXTRA_SEEDS)} for {', '.join(extra)}" if extra else "") + "). "
           f"Not run at all: {not_run}. Not every seed yet: {incomplete}.", "",
           "## Mean ± std over seeds", "", summary_table(groups), "",
           "## Paired differences (same seed), mean ± std over seeds", "",
@@ -239,8 +286,17 @@ def write_report(json_path: Path, out: Path) -> None:
           comparisons(groups), "", *[f"![{p.stem}]({p.name})" for p in made], "",
           "## Blocks chosen across seeds (cf. paper Fig. 10-11)", "",
           f"The paper's first blocks: {', '.join(paper_first[:8])}", "", block_choices(groups, paper_first), ""]
-    notes = out / "budget_study_notes.md"
+    if size != BASE_SIZE:
+        base = json.loads(JSON_PATH.read_text())
+        md += [f"## {size} px against {BASE_SIZE} px (`{JSON_PATH.name}`), paired by seed", "",
+               f"Base model MNIST k-NN before training: {100 * base['retention_before']:.2f} at {BASE_SIZE} px, "
+               f"{100 * data['retention_before']:.2f} at {size} px. Same noise rule as above (paired t over seeds).", "",
+               by_size(groups, grouped(base["runs"]), size), ""]
+        serve = json_path(size, "_serve")
+        if serve.exists():
+            md += serve_section(json.loads(serve.read_text()), size)
+    notes = out / f"{path.stem}_notes.md"
     if notes.exists():
         md += [notes.read_text()]
-    (out / "budget_study.md").write_text("\n".join(md))
+    (out / f"{path.stem}.md").write_text("\n".join(md))
 

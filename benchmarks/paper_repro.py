@@ -69,17 +69,17 @@ def runs() -> list[dict]:
     return out
 
 
-def base_retention(cache: dict) -> None:
-    bb = load_backbone(SCHEDULE["model"])
-    size = set_resolution(bb, SCHEDULE["image_size"])
+def base_retention(cache: dict, schedule: dict = SCHEDULE) -> None:
+    bb = load_backbone(schedule["model"])
+    size = set_resolution(bb, schedule["image_size"])
     bank = load_split("mnist", "train").subset(EVAL["knn_train"], 0)
     query = load_split("mnist", "test").subset(EVAL["knn_test"], 0)
     cache["retention_before"] = knn_top1(batched_embed(bb, bank, size), bank.labels, batched_embed(bb, query, size),
                                          query.labels, 10)
 
 
-def run_one(spec: dict, done: dict, work: Path, cache: dict) -> dict:
-    overrides = {**SCHEDULE, **{k: v for k, v in spec.items() if k not in ("name", "like")}}
+def run_one(spec: dict, done: dict, work: Path, cache: dict, schedule: dict = SCHEDULE) -> dict:
+    overrides = {**schedule, **{k: v for k, v in spec.items() if k not in ("name", "like")}}
     overrides["lora_alpha"] = float(overrides.get("r", 16))  # scale alpha/r = 1 at every rank (see notes)
     if spec.get("like"):
         overrides["random_blocks"] = max(1, done[spec["like"]]["active_blocks"])
@@ -92,7 +92,7 @@ def run_one(spec: dict, done: dict, work: Path, cache: dict) -> dict:
     t_train = time.perf_counter() - t0
     sparse = load_adapter(config.out, trainer.backbone.blocks)  # the saved adapter, as a user loads it
     adapter = adapter_from_sparse(sparse, trainer.backbone)  # full_ft: the backbone is already fine-tuned
-    result = evaluate(trainer.backbone, adapter, SCHEDULE["dataset"], EVAL["retention"], trainer.size,
+    result = evaluate(trainer.backbone, adapter, schedule["dataset"], EVAL["retention"], trainer.size,
                       EVAL["test_subset"], EVAL["knn_train"], EVAL["knn_test"], base_cache=cache)
     result.update(name=spec["name"], spec=spec, blocks=list(sparse.blocks), best_val_top1=trained["best_val_top1"],
                   train_seconds=round(t_train, 1), eval_seconds=round(time.perf_counter() - t0 - t_train, 1))
