@@ -181,7 +181,7 @@ def serve_check(size: int) -> None:
     from selora.adapters.inject import attached
     from selora.models import load_backbone
     from selora.training.data import load_split, to_pixels
-    from selora.training.evaluate import adapter_from_sparse, batched_embed, normalization, set_resolution
+    from selora.training.evaluate import adapter_from_sparse, batched_embed, set_resolution
 
     run_dir = work_dir(size) / SERVE_CHECK_RUN
     test = load_split(SCHEDULE["dataset"], "test", 0).subset(EVAL["test_subset"], 0)  # as evaluate() draws them
@@ -205,7 +205,7 @@ def serve_check(size: int) -> None:
 
     with attached(bb, adapter), torch.no_grad():
         evaluated, on_server_pixels = predict(batched_embed(bb, test, size)), predict(bb.encode_image(server_pixels))
-    pixel_diff = (to_pixels(test.images, size, *normalization(bb)) - server_pixels).abs()
+    pixel_diff = (to_pixels(test.images, bb.sizes.transform((size, size))) - server_pixels).abs()
     recorded = json.loads(json_path(size).read_text())["runs"].get(SERVE_CHECK_RUN, {})
     out = {"run": SERVE_CHECK_RUN, "adapter_input_size": list(sparse.input_size) if sparse.input_size else None,
            "uploaded_input_size": uploaded["input_size"], "base_input_size": list(engine.backbone.input_size),

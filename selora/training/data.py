@@ -1,8 +1,9 @@
 """Labelled image sets for training and evaluation, with deterministic train/val/test splits.
 
 Every set is held as ``uint8`` images ``[N, 3, H, W]`` (or read lazily from an image folder)
-plus integer labels and class names; ``to_pixels`` turns a batch into the model's normalised
-float input at the training resolution. Sets:
+plus integer labels and class names; ``to_pixels`` turns a batch into the model's input through
+the eval transform the server applies to a decoded image (the model library's own, at the
+training resolution), so an adapter trains on the pixels it will be served. Sets:
 
 - ``fashion-mnist``: Debian package ``dataset-fashion-mnist`` (IDX files under
   ``/usr/share/datasets/fashion-mnist/``); val = a fixed 5,000 images held out of train.
@@ -24,10 +25,10 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 SPLITS = ("train", "val", "test")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -74,14 +75,14 @@ class ImageSet:
         return torch.stack([_read_image(self.paths[i], size) for i in idx.tolist()])
 
 
-def to_pixels(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """uint8 ``[B, 3, h, w]`` -> normalised float ``[B, 3, size, size]`` (bicubic, antialiased)."""
-    x = images.float().div_(255)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
-    mean = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+def to_pixels(images: torch.Tensor, transform: Callable) -> torch.Tensor:
+    """uint8 ``[B, 3, h, w]`` -> the model's input ``[B, 3, H, W]``: each image through
+    ``transform`` as a PIL image, as the server preprocesses a decoded upload. Pass the backbone's
+    eval transform at the training size, ``backbone.sizes.transform((size, size))`` (resize,
+    crop, mean and std of the model library; a resize in uint8 by PIL, as served)."""
+    from PIL import Image
+
+    return torch.stack([transform(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in images])
 
 
 def load_split(dataset: str, split: str, seed: int = 0) -> ImageSet:

@@ -51,27 +51,14 @@ def set_resolution(backbone, size: int | None) -> int:
     return size
 
 
-def normalization(backbone) -> tuple[tuple, tuple]:
-    """The (mean, std) of the model library's own eval preprocessing."""
-    if backbone.library == "open_clip":
-        v = backbone.model.visual
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-        return tuple(getattr(v, "image_mean", None) or OPENAI_DATASET_MEAN), tuple(getattr(v, "image_std", None) or OPENAI_DATASET_STD)
-    from timm.data import resolve_data_config
-
-    cfg = resolve_data_config({}, model=backbone.model)
-    return tuple(cfg["mean"]), tuple(cfg["std"])
-
-
 @torch.no_grad()
 def batched_embed(backbone, data: ImageSet, size: int, batch_size: int = 128) -> torch.Tensor:
     """Image embeddings ``[N, D]`` of a set (with whatever adapter is attached), float32."""
-    mean, std = normalization(backbone)
+    transform = backbone.sizes.transform((size, size))  # the server's eval transform at this size
     out = []
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        x = to_pixels(data.uint8_batch(idx, size), size, mean, std).to(backbone.dtype)
+        x = to_pixels(data.uint8_batch(idx, size), transform).to(backbone.dtype)
         out.append(backbone.encode_image(x).float())
     return torch.cat(out)
 

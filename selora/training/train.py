@@ -38,7 +38,7 @@ from tqdm import tqdm
 from selora.training.checkpoint import load_state, save_state
 from selora.adapters.config import ConfigError
 from selora.training.data import DataError, ImageSet, load_split, to_pixels
-from selora.training.evaluate import batched_embed, classify_top1, normalization, set_resolution, zero_shot_top1
+from selora.training.evaluate import batched_embed, classify_top1, set_resolution, zero_shot_top1
 from selora.adapters.format import save_adapter
 from selora.adapters.inject import attach, detach
 from selora.adapters.lora import GatedAdapter, export_adapter
@@ -98,7 +98,7 @@ class Trainer:
         if c.recipe == "clip" and bb.tokenizer is None:
             raise ConfigError(f"recipe 'clip' needs a CLIP model; {c.model} has no text tower")
         self.size = set_resolution(bb, c.image_size)
-        self.mean, self.std = normalization(bb)
+        self.transform = bb.sizes.transform((self.size, self.size))  # the server's eval transform at this size
         blocks = None
         if c.method == "random_blocks":
             base_cfg = c.adapter_config()
@@ -132,7 +132,7 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------
     def pixels(self, data: ImageSet, idx: torch.Tensor) -> torch.Tensor:
-        return to_pixels(data.uint8_batch(idx, self.size), self.size, self.mean, self.std).to(self.backbone.dtype)
+        return to_pixels(data.uint8_batch(idx, self.size), self.transform).to(self.backbone.dtype)
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         x, y = self.pixels(self.train_set, idx), self.train_set.labels[idx]
