@@ -134,13 +134,10 @@ def serve_section(check: dict, size: int) -> list[str]:
             + (f"{100 * check['recorded_id_top1']:.2f}" if check["recorded_id_top1"] is not None else "-")
             + f" | {check['agree_served_evaluated']} of {n} ({100 * check['agree_served_evaluated'] / n:.1f} %) | "
             f"{check['agree_served_evaluated_on_server_pixels']} of {n} |", "",
-            f"Both paths upsample 28 -> {size} px with the same bicubic filter (torch's antialiased bicubic is "
-            "PIL's, a = -0.5), but training and evaluation resize float images (`to_pixels`) while the server's "
-            "timm eval transform resizes the uint8 image with PIL, rounding and clipping to 0-255 after each of "
-            "its two separable passes (bicubic overshoots at Fashion-MNIST's hard edges). The two inputs differ by "
-            f"{check['pixel_diff_mean']:.4f} on average, {check['pixel_diff_max']:.3f} at most (normalised pixels); "
-            f"where the last column is {n} of {n}, every disagreement comes from that resize, not from the served "
-            "forward.", ""]
+            f"Training, evaluation and the server all upsample 28 -> {size} px through the server's eval transform "
+            "(timm's, on the uint8 image: `selora.training.data.to_pixels`), so their inputs differ by "
+            f"{check['pixel_diff_mean']:.4f} on average and {check['pixel_diff_max']:.3f} at most (normalised pixels); "
+            "the last column separates a difference in the served forward from one in the pixels.", ""]
 
 
 def jaccard(a: list[str], b: list[str]) -> float:
