@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import base64
 import contextlib
 import io
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from selora.adapters import AdapterConfig, GatedAdapter, export_adapter, save_adapter
+from selora.adapters.merge import merge_into
 from selora.runtime.slots import DeviceSlots
 from selora.server.app import build_engine, create_app
 from selora.server.settings import MiB, Settings
@@ -127,3 +129,15 @@ def serving(*args: str, env: dict | None = None, ready_within: float = 120):
         proc.send_signal(signal.SIGINT)
         served.output = proc.communicate(timeout=30)[0]
         served.returncode = proc.returncode
+
+
+def assert_rows_equal_merged(backbone, x: torch.Tensor, mixed: torch.Tensor, rows: list[int], adapters: list) -> None:
+    """Row i of a mixed batch equals image ``x[i]`` alone through a copy of ``backbone`` with
+    ``adapters[rows[i]]`` merged into its weights (-1: the base): the merged-weight reference."""
+    for i, j in enumerate(rows):
+        merged = copy.deepcopy(backbone)
+        if j >= 0:
+            merge_into(merged, adapters[j])
+        with torch.no_grad():
+            alone = merged.encode_image(x[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-4)

@@ -55,17 +55,24 @@ class SiteLayers(Mapping):
         self._row[sites] = np.arange(len(sites))
         self._sites, self._made = sites, {}
 
-    def __getitem__(self, site: str) -> LayerBatch:
+    def get(self, site: str, default=None) -> LayerBatch | None:
+        """What every adapted layer calls once per forward: no exception for a layer without work."""
         layer = self._made.get(site)
         if layer is None:
             index = self._slots.site_index.get(site)
             row = -1 if index is None else int(self._row[index])
             if row < 0:
-                raise KeyError(site)
+                return default
             begin, end, items_end, out_end, block_rank, entry_items, dora, shrink = self._summaries[row].tolist()
             buffers = self._slots.buffers[site]
             layer = self._made[site] = LayerBatch(buffers, self._meta, begin, self._host[begin:end], items_end,
                                                   out_end + buffers.out_size, block_rank, entry_items, shrink, bool(dora))
+        return layer
+
+    def __getitem__(self, site: str) -> LayerBatch:
+        layer = self.get(site)
+        if layer is None:
+            raise KeyError(site)
         return layer
 
     def __iter__(self) -> Iterator[str]:

@@ -7,7 +7,7 @@ from selora.adapters import export_adapter, inject, load_adapter, save_adapter
 from selora.adapters.merge import merge_into
 from selora.kernels.config import KernelConfig
 from selora.runtime.batch import build_batch, forward_mixed, plan_rows
-from tests.helpers import make_adapter, resident
+from tests.helpers import assert_rows_equal_merged, make_adapter, resident
 
 
 def test_plan_rows_groups_stably():
@@ -35,13 +35,7 @@ def test_mixed_batch_equals_each_row_alone_merged(backbone_name, request):
     rows = [1, -1, 0, 2, 0, -1, 1, 2]
     x = torch.randn(len(rows), 3, 32, 32)
     mixed = forward_mixed(bb, x, adapters, rows)
-    for i, j in enumerate(rows):
-        merged = copy.deepcopy(bb)
-        if j >= 0:
-            merge_into(merged, sparse[j])
-        with torch.no_grad():
-            alone = merged.encode_image(x[i : i + 1])
-        torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-4)
+    assert_rows_equal_merged(bb, x, mixed, rows, sparse)
 
 
 def test_text_rows_use_their_adapters(tiny_clip):

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 from selora.adapters import export_adapter, inject
-from selora.adapters.merge import merge_into
 from selora.kernels.batch import SiteBuffers
 from selora.kernels.config import KernelConfig
 from selora.runtime.batch import StaleAdapterError, build_batch, forward_mixed, plan_rows
 from selora.runtime.slots import DeviceSlots, DeviceSlotsFullError
-from tests.helpers import image_b64, make_adapter, make_app, run_with_client, write_adapter
+from tests.helpers import assert_rows_equal_merged, image_b64, make_adapter, make_app, run_with_client, write_adapter
 
 
 def sparse(bb, variant="lora", r=4, active=None, seed=0):
@@ -59,13 +57,7 @@ def test_mixed_forward_equals_merged_weights_with_fragmented_slots(backbone_name
     rows = [1, -1, 0, 3, 2, 0, -1, 1, 2, 3]
     x = torch.randn(len(rows), 3, 32, 32, generator=torch.Generator().manual_seed(1))
     mixed = forward_mixed(bb, x, resident, rows)
-    for i, j in enumerate(rows):
-        merged = copy.deepcopy(bb)
-        if j >= 0:
-            merge_into(merged, adapters[j])
-        with torch.no_grad():
-            alone = merged.encode_image(x[i : i + 1])
-        torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-4)
+    assert_rows_equal_merged(bb, x, mixed, rows, adapters)
 
 
 def test_a_batch_allocates_no_adapter_weight(tiny_vit, monkeypatch):
