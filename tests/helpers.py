@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import base64
 import contextlib
+import copy
+import hashlib
 import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
+import uvicorn
 from PIL import Image
 
 from selora.adapters import AdapterConfig, GatedAdapter, export_adapter, save_adapter
@@ -25,6 +29,9 @@ from selora.adapters.merge import merge_into
 from selora.runtime.slots import DeviceSlots
 from selora.server.app import build_engine, create_app
 from selora.server.settings import MiB, Settings
+
+CUDA = torch.cuda.is_available()
+NO_GPU = "no CUDA GPU on this machine: the compiled-kernel cases (bf16 included) need one"
 
 
 def make_adapter(backbone, variant="lora", r=4, active=None, seed=0, head_classes=None):
@@ -141,3 +148,48 @@ def assert_rows_equal_merged(backbone, x: torch.Tensor, mixed: torch.Tensor, row
         with torch.no_grad():
             alone = merged.encode_image(x[i : i + 1])
         torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-4)
+
+
+def serve(app):
+    """Run ``app`` on a real uvicorn on 127.0.0.1 in a thread; yield its port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(30)
+
+
+def stored_files(root) -> dict[str, str]:
+    """Every entry under the root (hidden ones too): file hashes and link targets."""
+    out = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                out[rel] = "-> " + os.readlink(path)
+            elif os.path.isfile(path):
+                out[rel] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+def snapshot(client, root) -> dict:
+    """The adapter list (residency aside: caches may warm), reference embeddings under the base and
+    each adapter, a classification, the files of the import root and of the store (manifest and blobs)."""
+    cache_fields = {"resident_host", "resident_device", "device_bytes"}
+    adapters = [{k: v for k, v in a.items() if k not in cache_fields} for a in client.get("/v1/adapters").json()["data"]]
+    state = {"adapters": adapters, "files": stored_files(root), "store": stored_files(f"{root}.store")}
+    for model in ("base", "a1", "d1"):
+        state[model] = client.post("/v1/embeddings", json={"model": model, "input": [image_b64(0)]}).json()["data"][0]["embedding"]
+    state["classify"] = client.post("/v1/classify", json={"model": "d1", "input": [image_b64(1)]}).json()
+    return state

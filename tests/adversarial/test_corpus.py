@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.adversarial import corpus
-from tests.adversarial.conftest import snapshot
+from tests.helpers import snapshot
 
 STATIC = corpus.body_cases() + corpus.image_cases() + corpus.path_cases()
 

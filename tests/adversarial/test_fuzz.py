@@ -21,8 +21,7 @@ from schemathesis.config._auth import OpenAPIAuthConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from selora.runtime.store import DEFAULT_TENANT
-from tests.adversarial.conftest import serve, stored_files
-from tests.helpers import image_b64, make_app, write_adapter
+from tests.helpers import image_b64, make_app, serve, stored_files, write_adapter
 
 # Every check but "schema-valid data is accepted": a schema cannot say which strings are
 # decodable images, so a well-typed request may still be refused with a documented 4xx.

@@ -9,14 +9,12 @@ test directories imported triton does not matter.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from selora.kernels import triton_lora
 from selora.kernels import tuning as tuning_data
 from selora.kernels.config import KernelConfig
+from tests.helpers import CUDA
 
-CUDA = torch.cuda.is_available()
-NO_GPU = "no CUDA GPU on this machine: the compiled-kernel cases (bf16 included) need one"
 # The compiled cases' one tile: offered for every dtype and base GEMM (default.json). The
 # autotuner's full list would compile each case's kernel once per candidate; that every
 # candidate compiles is checked by test_aot for sm_90/sm_80, here or anywhere.

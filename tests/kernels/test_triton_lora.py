@@ -10,8 +10,8 @@ from selora.kernels import triton_lora
 from selora.kernels.config import KernelConfig, KernelConfigError
 from selora.kernels.ops import lora_linear
 from selora.kernels.reference import lora_linear_reference
+from tests.helpers import CUDA, NO_GPU
 from tests.kernels.cases import CASES, build_case
-from tests.kernels.conftest import CUDA, NO_GPU
 
 # Kernel (in dtype) against the reference on the same dtype-rounded values computed in fp32.
 TOLERANCE = {

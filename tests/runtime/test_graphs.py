@@ -14,9 +14,7 @@ from selora.runtime.batch import batch_rows, forward_mixed, plan_rows
 from selora.runtime.graphs import CudaGraphs, StaticBatch, buckets
 from selora.runtime.slots import DeviceSlots
 from selora.server.settings import Settings, SettingsError
-from tests.helpers import make_adapter
-
-CUDA = torch.cuda.is_available()
+from tests.helpers import CUDA, make_adapter
 
 
 def resident(bb, slots):
