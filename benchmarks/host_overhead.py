@@ -6,7 +6,8 @@ table measured as "row planning + packing + host metadata" — and, reported bes
 per-layer launch preparation of the Triton path (the layer's ``LayerBatch``, made when it runs,
 and ``triton_lora.plan``: checks, output, launch arguments) for every layer that has work, which
 a CUDA graph would remove. Host times are this thread's CPU time (``time.thread_time``), so a
-shared machine's other processes do not enter them; forward times are wall-clock. On a GPU it is measured with the real tensors (kernels are
+shared machine's other processes do not enter them; so are forward times on CPU (one thread does
+all the work: ``OMP_NUM_THREADS=1``), and wall-clock around a synchronize on a GPU. On a GPU it is measured with the real tensors (kernels are
 launched asynchronously, so host time is what the host spends). Without one, the device side is
 the ``meta`` device: slot buffers, metadata copy and outputs cost nothing, exactly the part a GPU
 would do asynchronously; Triton's own launcher overhead is not included there.
@@ -167,15 +168,17 @@ def forward_ratio(bb, reps: int, count: int, blocks: int) -> dict:
     size = bb.model.patch_embed.img_size
     x = torch.randn(BATCH, 3, *size, generator=torch.Generator().manual_seed(0)).to(bb.device, bb.dtype)
     rows, base = [i % count for i in range(BATCH)], [-1] * BATCH
-    sync = torch.cuda.synchronize if bb.device.type == "cuda" else (lambda: None)
+    cuda = bb.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = time.perf_counter if cuda else time.thread_time  # CPU: all the work is this thread's
     mixed_s, base_s = [], []
     for i in range(reps + 2):
         for which, out in ((rows, mixed_s), (base, base_s)) if i % 2 else ((base, base_s), (rows, mixed_s)):
             sync()
-            t = time.perf_counter()
+            t = clock()
             forward_mixed(bb, x, adapters, which, config=config)
             sync()
-            out.append(time.perf_counter() - t)
+            out.append(clock() - t)
     mixed, base_t = statistics.median(mixed_s[2:]), statistics.median(base_s[2:])
     return {"mixed_ms": round(mixed * 1e3, 3), "base_ms": round(base_t * 1e3, 3), "ratio": round(mixed / base_t, 3),
             "ratio_of_minima": round(min(mixed_s[2:]) / min(base_s[2:]), 3), "backend": config.backend}
@@ -266,6 +269,7 @@ def write(report: dict, stem: Path) -> None:
                      f"{r['plan_rows']:.3f} | {r['build_batch']:.3f} | **{r['metadata']:.3f}** ({r['metadata_min']:.3f}) | "
                      f"{r['layers']:.3f} ({r['layers_min']:.3f}) |")
     lines += ["", "## Mixed forward / base forward (interleaved)", "",
+              "Times: this thread's CPU time on CPU (one thread does the forward), wall-clock after a synchronize on a GPU.", "",
               "| model | adapters | blocks each | mixed ms (median) | base ms (median) | ratio of medians | ratio of minima | backend |",
               "|---|---|---|---|---|---|---|---|"]
     for r in report["forward"]:
