@@ -85,7 +85,7 @@ def flop_grid(pristine: Backbone, spec: GridSpec, step: Step = lambda: None) -> 
         for tower, mod in (("vision", "image"), ("text", "text")) if mod in inputs1
     }
     rows.append(_flop_row(pristine, "merged", "lora", min(spec.ranks), [], counted, None))
-    del merged
+    merged = None  # free the merged copy before the rank loop (the lambdas above are done with it)
     step()
     for r in spec.ranks:
         for variant in VARIANTS:
