@@ -202,6 +202,7 @@ class AdapterRegistry:
         self._by_key: dict[Key, AdapterRecord] = {}  # every record still cached (current or pinned)
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()  # store commit + registry swap, one writer at a time
+        self._not_served: set[tuple[str, str, int]] = set()  # stored versions skipped (warned once)
         self.listener = listener or (lambda event, tier: None)
 
     # -- registering --------------------------------------------------------------------
@@ -209,11 +210,10 @@ class AdapterRegistry:
         """Register every committed adapter for this base; host copies are loaded (and their
         blobs checked) while they fit the host budget, the rest on first use."""
         loaded = []
+        self.store.changed()  # what the store holds now is what this reads
         for entry in self.store.entries():
             name = address(entry.tenant, entry.name)
-            why = self._unservable(entry)
-            if why is not None:
-                log.warning("adapter %s v%d is not served: %s", name, entry.version, why)
+            if not self._servable(entry):
                 continue
             record = AdapterRecord(entry, entry.info["bytes"])
             with self._lock:
@@ -227,6 +227,37 @@ class AdapterRegistry:
                 self._by_key[record.key] = record
             loaded.append(name)
         return loaded
+
+    def refresh(self) -> None:
+        """Catch up with what another process committed to the store since this thread last
+        looked (``selora store import`` while serving, a second server): register new and newer
+        versions this server can serve, drop adapters the store no longer holds. Every lookup
+        calls it; when nothing changed it costs one SQLite query."""
+        if not self.store.changed():
+            return
+        with self._write_lock:  # no upload or delete of this process in between
+            stored = {(e.tenant, e.name): e for e in self.store.entries()}
+            with self._lock:
+                for key in [k for k in self.records if k not in stored]:
+                    self._retire(self.records.pop(key))
+                for key, entry in stored.items():
+                    current = self.records.get(key)
+                    if (current is not None and current.entry.version >= entry.version) or not self._servable(entry):
+                        continue
+                    record = AdapterRecord(entry, entry.info["bytes"])
+                    self.records[key] = record
+                    self._by_key[record.key] = record
+                    if current is not None:
+                        self._retire(current)
+                    log.info("adapter %s v%d registered from the store", record.address, entry.version)
+
+    def _servable(self, entry) -> bool:
+        """False, with one warning per stored version, for what ``_unservable`` refuses."""
+        why = self._unservable(entry)
+        if why is not None and (entry.tenant, entry.name, entry.version) not in self._not_served:
+            self._not_served.add((entry.tenant, entry.name, entry.version))
+            log.warning("adapter %s v%d is not served: %s", address(entry.tenant, entry.name), entry.version, why)
+        return why is None
 
     def _unservable(self, entry) -> str | None:
         """Why a stored adapter cannot serve on this server (None: it can). Uploads are checked
@@ -337,6 +368,10 @@ class AdapterRegistry:
     # -- serving ------------------------------------------------------------------------
     def get(self, adapter: str) -> AdapterRecord:
         """The current record of the address ``tenant/name``."""
+        self.refresh()
+        return self._lookup(adapter)
+
+    def _lookup(self, adapter: str) -> AdapterRecord:
         tenant, _, name = adapter.partition("/")
         with self._lock:
             record = self.records.get((tenant, name))
@@ -346,6 +381,7 @@ class AdapterRegistry:
 
     def current(self) -> list[AdapterRecord]:
         """Every registered record (current versions), ordered by tenant and name."""
+        self.refresh()
         with self._lock:
             return [self.records[k] for k in sorted(self.records)]
 
@@ -367,8 +403,9 @@ class AdapterRegistry:
 
     def pin(self, adapter: str) -> AdapterRecord:
         """Take the current record of ``tenant/name`` for one request, with its host copy loaded."""
+        self.refresh()  # outside the lock: it takes the write lock first, as uploads do
         with self._lock:
-            record = self.get(adapter)
+            record = self._lookup(adapter)
             record.pins += 1
             try:
                 if record.device is None:

@@ -362,6 +362,14 @@ class AdapterStore:
     def entries(self) -> list[Entry]:
         return [self._row(r) for r in self._db().execute(f"SELECT {self._COLUMNS} FROM adapters ORDER BY tenant, name")]
 
+    def changed(self) -> bool:
+        """Whether another connection (another process: ``selora store import``, a second server;
+        or another thread here) committed since this thread last asked; True on a thread's first
+        call. SQLite's ``data_version``: one cheap query, no table read."""
+        version = self._db().execute("PRAGMA data_version").fetchone()[0]
+        seen, self._local.data_version = getattr(self._local, "data_version", None), version
+        return version != seen
+
     # -- one-time imports ---------------------------------------------------------------
     def imported(self, source: str) -> bool:
         return self._db().execute("SELECT 1 FROM meta WHERE key = ?", (f"imported:{source}",)).fetchone() is not None

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_store_argument(parser)
     sub = parser.add_subparsers(dest="action", required=True)
     imp = sub.add_parser("import", help="copy every format-v1 adapter directory under DIR into the store "
-                         "(a running server serves them from its next start; keys and quotas apply at once)")
+                         "(a running server serves them from its next request; keys and quotas apply at once)")
     imp.add_argument("directory", metavar="DIR")
     imp.add_argument("--tenant", default=DEFAULT_TENANT, help=f"owner of the imported adapters (default {DEFAULT_TENANT})")
     sub.add_parser("list", help="every stored adapter: tenant, name, version, stored bytes, content hash, updated")

@@ -257,3 +257,40 @@ def test_preload_skips_what_a_model_less_import_let_in(three, tiny_vit, caplog):
         assert reg.preload() == ["default/x", "default/z"]
     assert "default/y v3 is not served: trained at [33, 33] px" in caplog.text
     assert "default/w v1 is not served: it needs" in caplog.text
+
+
+def test_commits_of_another_process_are_served_without_a_restart(three, tiny_vit, tiny_clip, tmp_path, caplog, monkeypatch):
+    """``selora store import`` (or a second server) writes the store while this registry serves:
+    the next lookup sees what it added, replaced or deleted; an adapter for another base stays
+    out, with one warning; when nothing changed, a lookup reads no table."""
+    root, _ = three
+    reg = _registry(tiny_vit, root)
+    other = AdapterStore(reg.store.dir)  # its own SQLite connection, as another process has
+    more = tmp_path / "more"
+    blocks = list(tiny_vit.blocks)
+    write_adapter(tiny_vit, more, "n", active=blocks[3:5], seed=7)
+    write_adapter(tiny_vit, more, "x", active=blocks[5:7], seed=8)  # a new version of x
+    old_x = reg.pin("default/x")  # a request holding the old version
+    assert import_tree(other, more, "default") == ["n", "x"]
+    assert reg.get("default/n").entry.sha256 == other.entry("default", "n").sha256
+    new_x = reg.get("default/x")
+    assert new_x.entry.version > old_x.entry.version and new_x.entry.sha256 == other.entry("default", "x").sha256
+    assert old_x.sparse is not None  # the running request keeps its version until it unpins
+    reg.unpin(old_x)
+    assert old_x.sparse is None and old_x.key not in reg._by_key
+    other.delete_adapter("default", "y")
+    with pytest.raises(UnknownAdapterError):
+        reg.pin("default/y")
+    assert [r.address for r in reg.current()] == ["default/n", "default/x", "default/z"]
+    clip = tmp_path / "clip"
+    write_adapter(tiny_clip, clip, "c", active=list(tiny_clip.blocks)[:1])
+    assert import_tree(other, clip, "default") == ["c"]  # no model loaded: stored
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            with pytest.raises(UnknownAdapterError):
+                reg.get("default/c")
+        other.set_quota("acme", max_adapters=3)  # any commit makes the registry look again
+        assert reg.get("default/n")
+    assert caplog.text.count("default/c v") == 1 and "is for another base" in caplog.text
+    monkeypatch.setattr(reg.store, "entries", lambda: pytest.fail("read the table though nothing changed"))
+    assert reg.get("default/n") and reg.pin("default/z") and len(reg.current()) == 3

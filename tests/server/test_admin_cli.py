@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from fastapi.testclient import TestClient
 
+from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
 from selora.cli import main
 from selora.runtime.store import AdapterStore, hash_key
-from tests.helpers import write_adapter
+from tests.helpers import image_b64, make_app, write_adapter
 
 
 def _run(capsys, *argv) -> list[str]:
@@ -52,6 +54,22 @@ def test_store_quota_and_import(tmp_path, capsys, tiny_vit):
         f"using 2 adapters, {sum(e.bytes for e in AdapterStore(store_dir).entries())} bytes")
     listed = _run(capsys, "store", "--store", store_dir, "list")
     assert [line.split()[:3] for line in listed[1:]] == [["acme", "p", "1"], ["acme", "q", "2"]]
+
+
+def test_a_running_server_serves_what_store_import_adds_without_a_restart(tmp_path, capsys, tiny_vit):
+    root, more, blocks = tmp_path / "root", tmp_path / "more", list(tiny_vit.blocks)
+    root.mkdir()
+    with TestClient(make_app(tiny_vit, root)) as client:
+        embed = lambda model: client.post("/v1/embeddings", json={"model": model, "input": [image_b64(0)]})  # noqa: E731
+        assert embed("p").status_code == 404
+        write_adapter(tiny_vit, more, "p", active=blocks[:2], seed=1)
+        assert _run(capsys, "store", "--store", f"{root}.store", "import", str(more)) == ["imported 1 adapters into tenant default: p"]
+        served = embed("p")
+        assert served.status_code == 200 and "p" in [a["name"] for a in client.get("/v1/adapters").json()["data"]]
+        files = {"config": (more / "p" / CONFIG_NAME).read_bytes(), "weights": (more / "p" / WEIGHTS_NAME).read_bytes()}
+        assert client.post("/v1/adapters", data={"name": "q"}, files=files).status_code == 200
+        assert embed("q").json()["data"] == served.json()["data"]  # the same bytes, through the API
+        assert embed("p").json()["data"] != embed("base").json()["data"]
 
 
 def test_serve_refuses_a_public_address_without_keys(tmp_path):

@@ -21,10 +21,11 @@ def test_a_base_that_cannot_load_exits_non_zero_naming_the_cause(tmp_path):
 def test_serve_help_imports_no_torch_and_marks_random_weights():
     script = ("import sys\nfrom selora.cli import main\ntry:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
               "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COLUMNS": "1000"})  # no wrapping inside a name
     assert run.returncode == 0 and run.stdout.strip().endswith("NO-TORCH"), run.stderr
     text = " ".join(run.stdout.split())
-    assert "dinov2-small, tiny-clip (random weights), tiny-vit (random weights)" in text
+    assert "dinov2-small, dinov2-small-random (random weights), tiny-clip (random weights), tiny-vit (random weights)" in text
 
 
 def test_docs_and_redoc_are_served_from_local_assets(tmp_path, tiny_vit):
