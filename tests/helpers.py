@@ -109,9 +109,9 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(*args: str, env: dict | None = None, ready_within: float = 120):
-    """``selora serve ARGS`` as a real uvicorn process on a free 127.0.0.1 port; yields a ``Served``
-    once ``/ready`` answers 200, then stops the process with SIGINT (its exit code and output land
+def serving(*args: str, env: dict | None = None, ready_within: float = 120, stop: int = signal.SIGINT):
+    """``selora serve ARGS`` as a real process on a free 127.0.0.1 port; yields a ``Served`` once
+    ``/ready`` answers 200, then stops the process with ``stop`` (its exit code and output land
     on the ``Served``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,8 +133,8 @@ def serving(*args: str, env: dict | None = None, ready_within: float = 120):
             time.sleep(0.2)
         yield served
     finally:
-        proc.send_signal(signal.SIGINT)
-        served.output = proc.communicate(timeout=30)[0]
+        proc.send_signal(stop)
+        served.output = proc.communicate(timeout=60)[0]
         served.returncode = proc.returncode
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import signal
 import uuid
 from dataclasses import asdict
 
@@ -243,14 +244,26 @@ def app_builder(args: dict) -> serve.Application:
 
 def run_on_ray(settings: Settings) -> int:
     """``selora serve --ray``: join ``--ray-address`` or start a local Ray instance, serve the
-    application on ``--host``/``--port`` until interrupted."""
+    application on ``--host``/``--port`` until interrupted. Ctrl-C or SIGTERM stop it cleanly
+    (exit 0): the application leaves a joined cluster; a local instance shuts down."""
     import ray
 
     autoscale = parse_autoscale(settings.autoscale) if settings.autoscale else None  # refused before Ray starts
     ray.init(address=settings.ray_address or None)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_application(settings, settings.replicas, autoscale), name="selora", route_prefix="/", blocking=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # replaces the handler ray.init set, which dumps native stacks and dies
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_application(settings, settings.replicas, autoscale), name="selora", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        log.info("stopping: the application leaves the cluster")
+        serve.delete("selora")
+    finally:
+        ray.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +34,19 @@ def test_uvicorn_process_serves_and_stops_cleanly(tmp_path, tiny_vit):
         assert "selora_batch_size_count" in httpx.get(f"{url}/metrics").text
     assert served.returncode == 0, served.output
     assert "kernel backend" in served.output and "stopped" in served.output
+
+
+def test_ray_process_stops_cleanly_on_sigterm(tmp_path, tiny_vit):
+    """What a process manager sends: exit 0, no stack dump from Ray's signal handler, no Ray left."""
+    pytest.importorskip("ray", reason="selora[ray] is not installed")
+    write_adapter(tiny_vit, tmp_path, "pre", active=list(tiny_vit.blocks)[:2])
+    with serving("--ray", "--replicas", "1", "--model", "tiny-vit", "--import-root", str(tmp_path), "--store", str(tmp_path / ".store"),
+                 stop=signal.SIGTERM) as served:
+        r = httpx.post(f"{served.url}/v1/embeddings", json={"model": "pre", "input": [image_b64(0)]}, timeout=60)
+        assert r.status_code == 200
+    assert served.returncode == 0, served.output
+    assert "Traceback" not in served.output and "SIGTERM received" not in served.output, served.output
+    assert "stopping: the application leaves the cluster" in served.output
 
 
 def test_settings_precedence_flags_over_env_over_defaults():
