@@ -154,9 +154,10 @@ class Engine:
         return Embeddings(F.normalize(out.float(), dim=-1) if normalize else out.float(), self._tokens(job))
 
     def knows(self, model: str) -> bool:
-        """``model`` is the base or the address (``tenant/name``) of a registered adapter."""
+        """``model`` is the base or the address (``tenant/name``) of a registered adapter (as
+        registered now: the store is not asked again)."""
         try:
-            return model == BASE or self.registry.get(model) is not None
+            return model == BASE or self.registry.lookup(model) is not None
         except UnknownAdapterError:
             return False
 

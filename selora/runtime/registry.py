@@ -328,32 +328,6 @@ class AdapterRegistry:
                 if record is not None:
                     self._retire(record)
 
-    def sync(self, tenant: str, name: str, version: int) -> None:
-        """Serve at least ``version`` of ``tenant/name`` if the store has committed it (another
-        process wrote it: a Ray replica behind the ingress): register the store's current
-        version, or drop a name the store no longer holds."""
-        with self._lock:
-            current = self.records.get((tenant, name))
-            if current is not None and current.entry.version >= version:
-                return
-        entry = self.store.entry(tenant, name)
-        if entry is not None and entry.info.get("base_fingerprint") != self.backbone.fingerprint:
-            entry = None  # for another base: not served here (as at preload)
-        with self._lock:
-            current = self.records.get((tenant, name))
-            if entry is None:
-                if current is not None:
-                    del self.records[(tenant, name)]
-                    self._retire(current)
-                return
-            if current is not None and current.entry.version >= entry.version:
-                return
-            record = AdapterRecord(entry, entry.info["bytes"])
-            self.records[(tenant, name)] = record
-            self._by_key[record.key] = record
-            if current is not None:
-                self._retire(current)
-
     def _retire(self, record: AdapterRecord) -> None:
         """An unregistered record leaves the caches once no request pins it."""
         if record.pins == 0:
@@ -369,9 +343,11 @@ class AdapterRegistry:
     def get(self, adapter: str) -> AdapterRecord:
         """The current record of the address ``tenant/name``."""
         self.refresh()
-        return self._lookup(adapter)
+        return self.lookup(adapter)
 
-    def _lookup(self, adapter: str) -> AdapterRecord:
+    def lookup(self, adapter: str) -> AdapterRecord:
+        """``get`` without asking the store first: what is registered now (labels of a request
+        already served, and ``pin`` after its own refresh)."""
         tenant, _, name = adapter.partition("/")
         with self._lock:
             record = self.records.get((tenant, name))
@@ -405,7 +381,7 @@ class AdapterRegistry:
         """Take the current record of ``tenant/name`` for one request, with its host copy loaded."""
         self.refresh()  # outside the lock: it takes the write lock first, as uploads do
         with self._lock:
-            record = self._lookup(adapter)
+            record = self.lookup(adapter)
             record.pins += 1
             try:
                 if record.device is None:

@@ -83,7 +83,7 @@ class EngineReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
         async def load(mid: str) -> str:
-            await asyncio.to_thread(self.engine.registry.sync, *parse_model_id(mid))
+            await asyncio.to_thread(self.engine.registry.refresh)  # the ingress committed mid's version
             return mid
 
         self._adapter = serve.multiplexed(max_num_models_per_replica=adapters_per_replica(self.settings, store))(load)

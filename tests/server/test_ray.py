@@ -83,9 +83,7 @@ def _auth(key: str) -> dict:
 def _expected(cluster, tenant: str, model: str, images: list[str]) -> np.ndarray:
     """The single-process answer, from the store's committed state."""
     engine = cluster["local"]
-    address = "base" if model == "base" else f"{tenant}/{model}"
-    if address != "base":
-        engine.registry.sync(tenant, model, engine.registry.store.entry(tenant, model).version)
+    address = "base" if model == "base" else f"{tenant}/{model}"  # engine.embed takes the store's latest version
     return asyncio.run_coroutine_threadsafe(engine.embed(address, "image", images, False), cluster["loop"]).result().vectors.numpy()
 
 
