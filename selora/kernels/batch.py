@@ -13,7 +13,8 @@ r ≤ 16 blocks never fragment).
 **Per batch** only indices change: one row per (adapter, active block) of a site —
 ``META_COLUMNS`` — grouped by site into one small int32 tensor, copied to the device once per
 batch; each ``LayerBatch`` is a view of it plus host-side summaries, so no layer call walks
-the entries on the host (the torch reference reads ``entries``, built lazily).
+the entries on the host (the torch reference reads ``entries``, built lazily; the torch
+backend its units, planned once per batch).
 """
 
 from __future__ import annotations
@@ -63,15 +64,18 @@ class SiteBuffers:
     lora_bt: torch.Tensor  # [pages · PAGE_RANK, out_size]
     dora_factor: torch.Tensor  # [pages, out_size]: a DoRA block's factor on its first page, else ones
     scales: torch.Tensor  # fp32 [pages]: a block's lora_alpha / r on its first page
-    host_scales: list[float]  # the same on the host (the torch reference reads these: no device sync)
+    host_scales: np.ndarray  # fp32 [pages], the same on the host (the torch backend reads these: no device sync)
     _views: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def empty(cls, pages: int, d_in: int, out_size: int, dtype: torch.dtype, device) -> "SiteBuffers":
+    def empty(cls, pages: int, d_in: int, out_size: int, dtype: torch.dtype, device,
+              host_scales: np.ndarray | None = None) -> "SiteBuffers":
+        """``host_scales``: where the host copy of the scales lives (a view of the slots' table)."""
         return cls(torch.empty(pages * PAGE_RANK, d_in, dtype=dtype, device=device),
                    torch.empty(pages * PAGE_RANK, out_size, dtype=dtype, device=device),
                    torch.empty(pages, out_size, dtype=dtype, device=device),
-                   torch.zeros(pages, dtype=torch.float32, device=device), [0.0] * pages)
+                   torch.zeros(pages, dtype=torch.float32, device=device),
+                   np.zeros(pages, dtype=np.float32) if host_scales is None else host_scales)
 
     @property
     def pages(self) -> int:
@@ -96,8 +100,13 @@ class SiteBuffers:
 
     @torch.no_grad()
     def write(self, page: int, block: DeviceBlock) -> None:
-        """Write ``block`` into pages ``page .. page + block.pages`` (the only copy of its weights)."""
+        """Write ``block`` into pages ``page .. page + block.pages`` (the only copy of its weights);
+        the last page's rows past its rank are zeroed (the torch backend multiplies whole pages)."""
         rows = slice(page * PAGE_RANK, page * PAGE_RANK + block.rank)
+        if block.rank % PAGE_RANK:
+            tail = slice(rows.stop, (page + block.pages) * PAGE_RANK)
+            self.lora_a[tail].zero_()
+            self.lora_bt[tail].zero_()
         self.lora_a[rows].copy_(block.lora_a)
         self.lora_bt[rows].copy_(block.lora_bt)
         factors = self.dora_factor[page : page + block.pages]
@@ -138,6 +147,7 @@ class LayerBatch:
     max_entry_items: int  # the split shrink's grid
     shrink_size: int  # Σ items × rank over entries: the split shrink's buffer, per token
     has_dora: bool
+    derived: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # what a backend computes once per batch
 
     @property
     def num_entries(self) -> int:
@@ -157,7 +167,7 @@ class LayerBatch:
         """Host copy of the rows, for the torch reference and FLOP counting (no device sync)."""
         c, scales = COLUMN, self.buffers.host_scales
         return [LoraEntry(r[c["item_start"]], r[c["item_end"]], r[c["out_start"]], r[c["rank_start"]], r[c["rank"]],
-                          r[c["page"]], scales[r[c["page"]]], bool(r[c["dora"]])) for r in self.host.tolist()]
+                          r[c["page"]], float(scales[r[c["page"]]]), bool(r[c["dora"]])) for r in self.host.tolist()]
 
 
 def segment_offsets(rows: np.ndarray, first: np.ndarray) -> np.ndarray:
