@@ -95,6 +95,11 @@ class SiteBuffers:
             self._views[key] = (self.lora_a[rows].t(), self.lora_bt[rows])
         return self._views[key]
 
+    @functools.cached_property
+    def pages_view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, Bᵀ)`` as ``[pages, PAGE_RANK, width]`` views (the torch backend gathers pages)."""
+        return self.lora_a.view(-1, PAGE_RANK, self.lora_a.shape[1]), self.lora_bt.view(-1, PAGE_RANK, self.out_size)
+
     def page_nbytes(self) -> int:
         return (PAGE_RANK * (self.lora_a.shape[1] + self.out_size) + self.out_size) * self.lora_a.element_size() + 4
 

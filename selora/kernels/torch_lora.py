@@ -12,10 +12,11 @@ one per (item, rank page) it covers, and a layer is, whatever its number of entr
     DoRA: y = f ⊙ y + b, f ones except the DoRA blocks' (item, columns)
 
 The arithmetic is the entries' (no padding): a page's rows past its block's rank are zero
-(``SiteBuffers.write``). A layer with few entries (``UNITS_FROM_ENTRIES``) runs the reference
-loop instead: a few wide entries are cheaper as whole-group GEMMs than cut into per-item units. The pages a layer reads are gathered into
-temporaries read once; the slot buffers are never written. Units are computed once per batch
-for every site at once (``UnitPlan``, NumPy only; ``SiteLayers`` hands each layer its slice).
+(``SiteBuffers.write``). The pages a layer reads are gathered into temporaries read once; the
+slot buffers are never written. Units are planned once per batch for every site at once
+(``UnitPlan``, NumPy only; ``build_batch`` hands each layer its slice). A layer with fewer than
+``UNITS_FROM_ENTRIES`` entries runs the reference loop instead: a few wide entries (one
+adapter's many items) cost less as a few whole-group GEMMs than cut into per-item units.
 """
 
 from __future__ import annotations
@@ -62,28 +63,27 @@ class UnitPlan:
         pages = (h[:, c["rank"]] + PAGE_RANK - 1) // PAGE_RANK
         block = h[:, c["out_start"]] // width
         entry, local, ends = _runs(items * pages)
-        unit = np.empty((3, entry.size), dtype=np.int64)
         per_item = pages[entry]
-        np.add(start[entry], local // per_item, out=unit[0])
-        np.add(h[entry, c["page"]], local % per_item, out=unit[1])
-        unit[2] = block[entry]
-        self._unit_cuts = np.append(0, ends)[bounds].tolist()
-        self._unit = torch.from_numpy(unit).to(device)
-        self._scale = None
+        unit = [start[entry] + local // per_item, h[entry, c["page"]] + local % per_item, block[entry]]
         if (scale != 1).any():
-            self._scale = torch.from_numpy(scale[entry].astype(np.float32)).view(-1, 1, 1).to(device)
-        dora = np.empty((3, 0), dtype=np.int64)
+            unit.append(scale[entry].astype(np.float32).reshape(-1, 1, 1))
         d_items = items * (h[:, c["dora"]] != 0)
-        if d_items.any():
-            d_entry, d_local, _ = _runs(d_items)
-            dora = np.stack([start[d_entry] + d_local, block[d_entry], h[d_entry, c["page"]]])
-        self._dora_cuts = np.append(0, np.cumsum(d_items))[bounds].tolist()
-        self._dora = torch.from_numpy(dora).to(device)
+        d_entry, d_local, d_ends = _runs(d_items)
+        dora = np.stack([start[d_entry] + d_local, block[d_entry], h[d_entry, c["page"]]])
+        self._bounds = bounds.tolist()
+        self._cuts = np.append(0, ends)[bounds].tolist(), np.append(0, d_ends)[bounds].tolist()
+        self._host = torch.device(device).type == "cpu"  # slices of NumPy arrays are the cheapest tensors there
+        self._unit = unit if self._host else [torch.from_numpy(v).to(device) for v in unit]
+        self._dora = dora if self._host else torch.from_numpy(dora).to(device)
 
-    def segment(self, s: int) -> Units:
-        (a, b), (p, q) = self._unit_cuts[s : s + 2], self._dora_cuts[s : s + 2]
-        unit = self._unit[:, a:b]
-        return Units(unit[0], unit[1], unit[2], None if self._scale is None else self._scale[a:b], self._dora[:, p:q])
+    def segment(self, s: int) -> Units | None:
+        """Segment ``s``'s units; None when it has too few entries to run as units."""
+        if self._bounds[s + 1] - self._bounds[s] < UNITS_FROM_ENTRIES:
+            return None
+        (a, b), (p, q) = self._cuts[0][s : s + 2], self._cuts[1][s : s + 2]
+        take = torch.from_numpy if self._host else (lambda t: t)  # noqa: E731
+        item, page, block, *scale = (take(v[a:b]) for v in self._unit)
+        return Units(item, page, block, scale[0] if scale else None, take(self._dora[:, p:q]))
 
 
 def torch_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerBatch) -> torch.Tensor:
@@ -96,15 +96,15 @@ def torch_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if u is None:  # a layer made outside a batch (tests, benchmarks): its own units
         scale = buffers.host_scales[layer.host[:, COLUMN["page"]]]
         u = layer.derived["units"] = UnitPlan(layer.host, out, scale, np.array([0, layer.num_entries]), buffers.lora_a.device).segment(0)
-    x3 = x.reshape(x.shape[0], -1, d_in)
+    x3 = x if x.dim() == 3 else x.reshape(x.shape[0], -1, d_in)
     items, tokens, blocks = x3.shape[0], x3.shape[1], d_out // out
-    dora = u.dora.shape[1] > 0
+    dora = layer.has_dora
     y = F.linear(x3, weight, None if dora else bias)
-    a = buffers.lora_a.view(-1, PAGE_RANK, d_in).index_select(0, u.page)
-    h = torch.bmm(x3.index_select(0, u.item), a.transpose(1, 2))
+    a_pages, bt_pages = buffers.pages_view
+    h = torch.bmm(x3.index_select(0, u.item), a_pages.index_select(0, u.page).transpose(1, 2))
     if u.scale is not None:
         h.mul_(u.scale)
-    t = torch.bmm(h, buffers.lora_bt.view(-1, PAGE_RANK, out).index_select(0, u.page))
+    t = torch.bmm(h, bt_pages.index_select(0, u.page))
     if blocks == 1:
         y.index_add_(0, u.item, t)
     else:  # y[item, :, block, :] += t: the (item, block) dims side by side in a view

@@ -71,7 +71,9 @@ class SiteLayers(Mapping):
             layer = self._made[site] = LayerBatch(buffers, self._meta, begin, self._host[begin:end], items_end,
                                                   out_end + buffers.out_size, block_rank, entry_items, shrink, bool(dora))
             if self._units is not None:
-                layer.derived["units"] = self._units.segment(row)
+                units = self._units.segment(row)
+                if units is not None:
+                    layer.derived["units"] = units
         return layer
 
     def __getitem__(self, site: str) -> LayerBatch:
