@@ -20,7 +20,7 @@ point, flat in the number of active blocks.
 
 The whole mixed forward against the base forward (same backbone, every row on the base model) is
 timed interleaved on ``tiny-vit`` for the same grid (12 blocks: 18 means all) — on CPU through
-the torch backend (``selora.kernels.torch_lora``), on a GPU through the Triton kernel, where the two real shapes (bf16)
+the torch reference path, on a GPU through the Triton kernel, where the two real shapes (bf16)
 are timed as well. Target: tiny-vit, 32 adapters × 4 blocks ≤ 1.5×.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/host_overhead.py            # ~2 min on CPU
@@ -137,7 +137,7 @@ def host_times(bb, tokens: int, configurations: list, reps: int, device) -> list
 
 
 def forward_backbones(gpu: bool):
-    """tiny-vit (CPU: the torch backend; GPU: the Triton kernel), and on a GPU the two real
+    """tiny-vit (CPU: the torch reference; GPU: the Triton kernel), and on a GPU the two real
     shapes in bfloat16."""
     import torch
 

@@ -1,1 +1,1 @@
-"""Kernels: the torch reference (the spec), the torch backend, the Triton fused kernel, and op dispatch."""
+"""Kernels: the torch reference (the spec), the Triton fused kernel, and op dispatch."""

@@ -13,8 +13,7 @@ r ≤ 16 blocks never fragment).
 **Per batch** only indices change: one row per (adapter, active block) of a site —
 ``META_COLUMNS`` — grouped by site into one small int32 tensor, copied to the device once per
 batch; each ``LayerBatch`` is a view of it plus host-side summaries, so no layer call walks
-the entries on the host (the torch reference reads ``entries``, built lazily; the torch
-backend its units, planned once per batch).
+the entries on the host (the torch reference reads ``entries``, built lazily).
 """
 
 from __future__ import annotations
@@ -64,18 +63,15 @@ class SiteBuffers:
     lora_bt: torch.Tensor  # [pages · PAGE_RANK, out_size]
     dora_factor: torch.Tensor  # [pages, out_size]: a DoRA block's factor on its first page, else ones
     scales: torch.Tensor  # fp32 [pages]: a block's lora_alpha / r on its first page
-    host_scales: np.ndarray  # fp32 [pages], the same on the host (the torch backend reads these: no device sync)
+    host_scales: list[float]  # the same on the host (the torch reference reads these: no device sync)
     _views: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def empty(cls, pages: int, d_in: int, out_size: int, dtype: torch.dtype, device,
-              host_scales: np.ndarray | None = None) -> "SiteBuffers":
-        """``host_scales``: where the host copy of the scales lives (a view of the slots' table)."""
+    def empty(cls, pages: int, d_in: int, out_size: int, dtype: torch.dtype, device) -> "SiteBuffers":
         return cls(torch.empty(pages * PAGE_RANK, d_in, dtype=dtype, device=device),
                    torch.empty(pages * PAGE_RANK, out_size, dtype=dtype, device=device),
                    torch.empty(pages, out_size, dtype=dtype, device=device),
-                   torch.zeros(pages, dtype=torch.float32, device=device),
-                   np.zeros(pages, dtype=np.float32) if host_scales is None else host_scales)
+                   torch.zeros(pages, dtype=torch.float32, device=device), [0.0] * pages)
 
     @property
     def pages(self) -> int:
@@ -95,23 +91,13 @@ class SiteBuffers:
             self._views[key] = (self.lora_a[rows].t(), self.lora_bt[rows])
         return self._views[key]
 
-    @functools.cached_property
-    def pages_view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, Bᵀ)`` as ``[pages, PAGE_RANK, width]`` views (the torch backend gathers pages)."""
-        return self.lora_a.view(-1, PAGE_RANK, self.lora_a.shape[1]), self.lora_bt.view(-1, PAGE_RANK, self.out_size)
-
     def page_nbytes(self) -> int:
         return (PAGE_RANK * (self.lora_a.shape[1] + self.out_size) + self.out_size) * self.lora_a.element_size() + 4
 
     @torch.no_grad()
     def write(self, page: int, block: DeviceBlock) -> None:
-        """Write ``block`` into pages ``page .. page + block.pages`` (the only copy of its weights);
-        the last page's rows past its rank are zeroed (the torch backend multiplies whole pages)."""
+        """Write ``block`` into pages ``page .. page + block.pages`` (the only copy of its weights)."""
         rows = slice(page * PAGE_RANK, page * PAGE_RANK + block.rank)
-        if block.rank % PAGE_RANK:
-            tail = slice(rows.stop, (page + block.pages) * PAGE_RANK)
-            self.lora_a[tail].zero_()
-            self.lora_bt[tail].zero_()
         self.lora_a[rows].copy_(block.lora_a)
         self.lora_bt[rows].copy_(block.lora_bt)
         factors = self.dora_factor[page : page + block.pages]
@@ -152,7 +138,6 @@ class LayerBatch:
     max_entry_items: int  # the split shrink's grid
     shrink_size: int  # Σ items × rank over entries: the split shrink's buffer, per token
     has_dora: bool
-    derived: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # what a backend computes once per batch
 
     @property
     def num_entries(self) -> int:
@@ -172,7 +157,7 @@ class LayerBatch:
         """Host copy of the rows, for the torch reference and FLOP counting (no device sync)."""
         c, scales = COLUMN, self.buffers.host_scales
         return [LoraEntry(r[c["item_start"]], r[c["item_end"]], r[c["out_start"]], r[c["rank_start"]], r[c["rank"]],
-                          r[c["page"]], float(scales[r[c["page"]]]), bool(r[c["dora"]])) for r in self.host.tolist()]
+                          r[c["page"]], scales[r[c["page"]]], bool(r[c["dora"]])) for r in self.host.tolist()]
 
 
 def segment_offsets(rows: np.ndarray, first: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ there, before the model loads. Nothing on the per-layer path reads the environme
 layer gets this object with its batch (``ModelBatch.config``).
 
 - ``backend``: ``triton`` (the compiled kernel, CUDA), ``triton-interpret`` (the same kernel in
-  Triton's CPU interpreter: tests), ``torch`` (``torch_lora``: batched torch ops). The setting ``auto`` means
+  Triton's CPU interpreter: tests), ``torch`` (the reference loop). The setting ``auto`` means
   Triton on CUDA, torch elsewhere; ``triton`` on a CPU device means the interpreter.
 - ``base_gemm``: ``fused`` (x·W0ᵀ in the kernel's tiles) or ``library`` (torch's GEMM first);
   default: the device's tuning file.

@@ -15,7 +15,7 @@ nothing else: no custom op, no kernel launch.
 
 The backend comes from the ``KernelConfig`` the caller resolved once (``config.backend``):
 ``triton`` (compiled, CUDA), ``triton-interpret`` (the same kernel in Triton's CPU interpreter)
-or ``torch`` (``torch_lora``: batched torch ops, CPU and fallback). Eager inference calls the backend directly; under autograd, a
+or ``torch`` (the reference). Eager inference calls the backend directly; under autograd, a
 dispatch mode (``FlopCounterMode``) or tracing, the registered custom op runs instead, so
 counting and compiling see exactly the same computation.
 
@@ -37,7 +37,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from selora.kernels.batch import COLUMN, META_STRIDE, LayerBatch, SiteBuffers, layer_batch
 from selora.kernels.config import KernelConfig
-from selora.kernels.torch_lora import torch_lora_linear
+from selora.kernels.reference import lora_linear_reference
 from selora.kernels.tuning import tuning_for
 
 
@@ -74,7 +74,7 @@ def lora_linear_flops(x_shape: Sequence[int], weight_shape: Sequence[int], layer
 
 def _run(x, weight, bias, layer: LayerBatch, config: KernelConfig) -> torch.Tensor:
     if config.backend == "torch":
-        return torch_lora_linear(x, weight, bias, layer)
+        return lora_linear_reference(x, weight, bias, layer)
     from selora.kernels.triton_lora import triton_lora_linear  # needs the triton package
 
     return triton_lora_linear(x, weight, bias, layer, config)
@@ -98,8 +98,9 @@ def lora_linear_op(
 ) -> torch.Tensor:
     """The fused op on tensors only (what ``torch.compile`` and ``FlopCounterMode`` see)."""
     host = np.array(host_meta, dtype=np.int32).reshape(-1, META_STRIDE)
-    pages = np.zeros(scales.shape[0], dtype=np.float32)  # the host scales of the pages these entries read
-    pages[host[:, COLUMN["page"]]] = host_scales
+    pages = [0.0] * scales.shape[0]  # the host scales of the pages these entries read
+    for page, scale in zip(host[:, COLUMN["page"]].tolist(), host_scales):
+        pages[page] = scale
     layer = layer_batch(SiteBuffers(lora_a, lora_bt, dora_factor, scales, pages), host, meta)
     tuning = tuning_for(x.device) if backend != "torch" else {}
     return _run(x, weight, bias, layer, KernelConfig(backend, base_gemm, split_shrink_rank, tuning))

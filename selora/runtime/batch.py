@@ -21,7 +21,6 @@ from selora.adapters.inject import inject
 from selora.adapters.layer import use_batch
 from selora.kernels.batch import COLUMN, META_STRIDE, LayerBatch, segment_offsets
 from selora.kernels.config import KernelConfig
-from selora.kernels.torch_lora import UnitPlan
 from selora.models.factory import Backbone
 from selora.runtime.slots import SITE_COLUMN, DeviceAdapter
 
@@ -50,13 +49,11 @@ class SiteLayers(Mapping):
     whether 1 or 48 layers have work (their summaries are rows of one array); each layer pays
     for its own small object when it runs."""
 
-    def __init__(self, slots, meta: torch.Tensor, host: np.ndarray, sites: np.ndarray, summaries: np.ndarray,
-                 units: UnitPlan | None = None):
+    def __init__(self, slots, meta: torch.Tensor, host: np.ndarray, sites: np.ndarray, summaries: np.ndarray):
         self._slots, self._meta, self._host, self._summaries = slots, meta, host, summaries
         self._row = np.full(len(slots.site_names), -1)
         self._row[sites] = np.arange(len(sites))
         self._sites, self._made = sites, {}
-        self._units = units
 
     def get(self, site: str, default=None) -> LayerBatch | None:
         """What every adapted layer calls once per forward: no exception for a layer without work."""
@@ -70,10 +67,6 @@ class SiteLayers(Mapping):
             buffers = self._slots.buffers[site]
             layer = self._made[site] = LayerBatch(buffers, self._meta, begin, self._host[begin:end], items_end,
                                                   out_end + buffers.out_size, block_rank, entry_items, shrink, bool(dora))
-            if self._units is not None:
-                units = self._units.segment(row)
-                if units is not None:
-                    layer.derived["units"] = units
         return layer
 
     def __getitem__(self, site: str) -> LayerBatch:
@@ -130,9 +123,8 @@ def batch_rows(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int,
 def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int, int, int]], config: KernelConfig) -> ModelBatch:
     """The batch's metadata, valid until the next batch is built on the same slots.
 
-    Host work is ``batch_rows`` and a few NumPy operations more: no loop over blocks or
-    adapters. For the Triton path a site's ``LayerBatch`` is made when its layer runs
-    (``SiteLayers``); for the torch backend every site's is made here, with its units."""
+    Host work is ``batch_rows`` and a few NumPy operations more: no loop over blocks, adapters
+    or sites (a site's ``LayerBatch`` is made when its layer runs, ``SiteLayers``)."""
     found = batch_rows(adapters, groups)
     if found is None:
         return ModelBatch(config)
@@ -150,16 +142,7 @@ def build_batch(adapters: Sequence[DeviceAdapter | None], groups: list[tuple[int
                           *(np.maximum.reduceat(v, starts) for v in (rows[:, c["item_end"]], rows[:, c["out_start"]],
                                                                      rows[:, c["block_rank"]], items, rows[:, c["dora"]])),
                           np.add.reduceat(items * rows[:, c["rank"]], starts)], axis=1)
-    if config.backend != "torch":
-        return ModelBatch(config, SiteLayers(slots, meta, host, sites, summaries))
-    # The torch backend: every site's units and layer now, in one pass while the host's caches
-    # are warm (made lazily between the GEMMs, the same work costs ~3× the CPU time).
-    site, page = rows[:, SITE_COLUMN], rows[:, c["page"]]
-    units = UnitPlan(host, slots.block_width[site], slots.host_scales[slots.page_offset[site] + page],
-                     np.append(starts, len(host)), slots.device)
-    layers = SiteLayers(slots, meta, host, sites, summaries, units)
-    for name in layers:
-        layers.get(name)
+    layers = SiteLayers(slots, meta, host, sites, summaries)
     return ModelBatch(config, layers)
 
 

@@ -65,13 +65,8 @@ class DeviceSlots:
         sites = backbone.blocks.sites()
         self.site_index = {site: i for i, site in enumerate(sites)}
         self.site_names = list(sites)
-        pages = [pages_per_block * len(specs) for specs in sites.values()]
-        self.page_offset = np.cumsum(pages) - pages  # by site index: its first row in ``host_scales``
-        self.host_scales = np.zeros(sum(pages), dtype=np.float32)  # every site's host scales, one table
-        self.buffers = {site: SiteBuffers.empty(n, specs[0].d_in, specs[0].d_out, self.dtype, self.device,
-                                                self.host_scales[offset : offset + n])
-                        for (site, specs), n, offset in zip(sites.items(), pages, self.page_offset)}
-        self.block_width = np.array([b.out_size for b in self.buffers.values()])  # by site index
+        self.buffers = {site: SiteBuffers.empty(pages_per_block * len(specs), specs[0].d_in, specs[0].d_out, self.dtype, self.device)
+                        for site, specs in sites.items()}
         self._free = {site: bytearray(b"\x01") * b.pages for site, b in self.buffers.items()}
         # A batch has at most one entry per page held (each adapter once), so this never overflows.
         self.meta = torch.empty(sum(b.pages for b in self.buffers.values()), META_STRIDE, dtype=torch.int32, device=self.device)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from selora.adapters import export_adapter, inject
-from selora.kernels import torch_lora
 from selora.kernels.batch import SiteBuffers
 from selora.kernels.config import KernelConfig
 from selora.runtime.batch import StaleAdapterError, build_batch, forward_mixed, plan_rows
@@ -23,10 +22,7 @@ def taken(dev) -> set[tuple[str, int]]:
     return {(site, page + i) for site, runs in dev.pages.items() for page, n in runs for i in range(n)}
 
 
-@pytest.mark.parametrize("torch_path", ["units", "auto"])
-def test_reload_into_other_slots_gives_identical_outputs(tiny_vit, torch_path, monkeypatch):
-    if torch_path == "units":
-        monkeypatch.setattr(torch_lora, "UNITS_FROM_ENTRIES", 0)
+def test_reload_into_other_slots_gives_identical_outputs(tiny_vit):
     inject(tiny_vit)
     blocks = list(tiny_vit.blocks)
     slots = DeviceSlots(tiny_vit, pages_per_block=4)
@@ -45,11 +41,8 @@ def test_reload_into_other_slots_gives_identical_outputs(tiny_vit, torch_path, m
         forward_mixed(tiny_vit, x, [first], [0, -1, 0])
 
 
-@pytest.mark.parametrize("torch_path", ["units", "auto"])
 @pytest.mark.parametrize("backbone_name", ["tiny_vit", "tiny_clip"])
-def test_mixed_forward_equals_merged_weights_with_fragmented_slots(backbone_name, torch_path, request, monkeypatch):
-    if torch_path == "units":  # every layer through the batched units, not only those with many entries
-        monkeypatch.setattr(torch_lora, "UNITS_FROM_ENTRIES", 0)
+def test_mixed_forward_equals_merged_weights_with_fragmented_slots(backbone_name, request):
     bb = request.getfixturevalue(backbone_name)
     inject(bb)
     blocks = list(bb.blocks)
