@@ -7,10 +7,11 @@ per-layer launch preparation of the Triton path (the layer's ``LayerBatch``, mad
 and ``triton_lora.plan``: checks, output, launch arguments) for every layer that has work, which
 a CUDA graph would remove. Host times are this thread's CPU time (``time.thread_time``), so a
 shared machine's other processes do not enter them; so are forward times on CPU (one thread does
-all the work: ``OMP_NUM_THREADS=1``), and wall-clock around a synchronize on a GPU. On a GPU it is measured with the real tensors (kernels are
-launched asynchronously, so host time is what the host spends). Without one, the device side is
-the ``meta`` device: slot buffers, metadata copy and outputs cost nothing, exactly the part a GPU
-would do asynchronously; Triton's own launcher overhead is not included there.
+all the work: ``OMP_NUM_THREADS=1``), and wall-clock around a synchronize on a GPU. On a GPU it
+is measured with the real tensors (kernels are launched asynchronously, so host time is what the
+host spends). Without one, the device side is the ``meta`` device: slot buffers, metadata copy
+and outputs cost nothing, exactly the part a GPU would do asynchronously; Triton's own launcher
+overhead is not included there.
 
 Grid: 1/8/32/64/256 adapters resident in the slots × 1/4/18 active blocks each (r = 16 LoRA,
 blocks drawn at random per adapter), batch 32 with rows round-robin over the resident adapters
