@@ -131,6 +131,51 @@ def run(args) -> dict:
     }
 
 
+def catch_up(sizes: tuple[int, ...], rounds: int, threads: int = 4) -> list[dict]:
+    """Per stored size: each request thread's first lookup after another connection's commit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from selora.adapters.format import parse_adapter
+    from selora.runtime.registry import AdapterRegistry, adapter_info
+    from selora.runtime.store import AdapterStore
+
+    backbone = quick_backbone()
+    files = [_adapter_files(backbone, seed) for seed in (0, 1)]
+    info = [adapter_info(parse_adapter(c, w, backbone.blocks)) for c, w in files]
+    out = []
+    for size in sizes:
+        work = Path(tempfile.mkdtemp(prefix="selora-store-catchup-"))
+        store = AdapterStore(work)
+        for i in range(size):
+            store.put_adapter(f"tenant{i % 100:03d}", f"ad{i:05d}", *files[0], info[0])
+        registry = AdapterRegistry(backbone, store, host_budget=2 * info[0]["bytes"], device_budget=1 << 20)
+        registry.preload()
+        other = AdapterStore(work)  # another process's connection
+        pools = [ThreadPoolExecutor(1) for _ in range(threads)]
+        ref = "tenant000/ad00000"
+
+        def timed_get():
+            t = time.perf_counter()
+            registry.get(ref)
+            return time.perf_counter() - t
+
+        for pool in pools:  # each thread's first lookup (connection opened) is not counted
+            pool.submit(timed_get).result()
+        first, total = [], []
+        for r in range(rounds):
+            other.put_adapter("tenant001", "churned", *files[r % 2], info[r % 2])
+            times = [pool.submit(timed_get).result() for pool in pools]
+            first.append(times[0])
+            total.append(sum(times))
+        for pool in pools:
+            pool.shutdown()
+        row = {"stored": size, "threads": threads, "rounds": rounds, "first_thread": _ms(first), "all_threads": _ms(total)}
+        print(f"catch-up, {size} stored: first thread {row['first_thread']['p50_ms']} ms, "
+              f"{threads} threads together {row['all_threads']['p50_ms']} ms (medians)", flush=True)
+        out.append(row)
+    return out
+
+
 def markdown(res: dict) -> str:
     a, e, u = res["auth_and_lookup"], res["embedding_request"], res["upload"]
     ok = "meets" if a["mean_ms"] <= TARGET_MS else "misses"
@@ -154,6 +199,15 @@ def markdown(res: dict) -> str:
         f"Upload to servable: {res['upload_to_servable_over_request']}x one request on a resident adapter (medians); "
         "the adapter serves from the response on (it is already in the host cache).",
         "",
+        "Catch-up after another connection replaces one adapter (ms, median and p99 over "
+        f"{res['catch_up'][0]['rounds']} commits): the first request thread's next lookup, and the "
+        f"{res['catch_up'][0]['threads']} request threads' next lookups together.",
+        "",
+        "| adapters stored | first thread p50 | p99 | all threads p50 | p99 |",
+        "|---:|---:|---:|---:|---:|",
+        *[f"| {c['stored']} | {c['first_thread']['p50_ms']} | {c['first_thread']['p99_ms']} | {c['all_threads']['p50_ms']} | "
+          f"{c['all_threads']['p99_ms']} |" for c in res["catch_up"]],
+        "",
         f"Command: `{res['command']}`",
         "",
         f"Machine: {res['machine']}",
@@ -170,8 +224,10 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=5000)
     p.add_argument("--requests", type=int, default=50)
     p.add_argument("--uploads", type=int, default=10)
+    p.add_argument("--stored", type=int, nargs="+", default=[100, 1000, 10000], help="store sizes of the catch-up part")
+    p.add_argument("--rounds", type=int, default=20, help="foreign commits per store size")
     args = p.parse_args()
-    res = run(args)
+    res = run(args) | {"catch_up": catch_up(tuple(args.stored), args.rounds)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "store.json").write_text(json.dumps(res, indent=2) + "\n")
     (RESULTS / "store.md").write_text(markdown(res))

@@ -203,6 +203,7 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()  # store commit + registry swap, one writer at a time
         self._not_served: set[tuple[str, str, int]] = set()  # stored versions skipped (warned once)
+        self._seen_change: int | None = None  # the store's change log, read up to here (None: nothing read)
         self.listener = listener or (lambda event, tier: None)
 
     # -- registering --------------------------------------------------------------------
@@ -210,7 +211,7 @@ class AdapterRegistry:
         """Register every committed adapter for this base; host copies are loaded (and their
         blobs checked) while they fit the host budget, the rest on first use."""
         loaded = []
-        self.store.changed()  # what the store holds now is what this reads
+        self._seen_change = self.store.last_change()  # what the store holds now is at least this
         for entry in self.store.entries():
             name = address(entry.tenant, entry.name)
             if not self._servable(entry):
@@ -229,27 +230,44 @@ class AdapterRegistry:
         return loaded
 
     def refresh(self) -> None:
-        """Catch up with what another process committed to the store since this thread last
+        """Catch up with what other connections committed to the store since this registry last
         looked (``selora store import`` while serving, a second server): register new and newer
         versions this server can serve, drop adapters the store no longer holds. Every lookup
-        calls it; when nothing changed it costs one SQLite query."""
-        if not self.store.changed():
+        calls it: when nothing changed it costs one indexed SQLite read; otherwise it reads the
+        rows of the adapters that changed (the whole manifest only on a first call or when the
+        store's change log no longer reaches back)."""
+        if self.store.last_change() == self._seen_change:
             return
         with self._write_lock:  # no upload or delete of this process in between
-            stored = {(e.tenant, e.name): e for e in self.store.entries()}
+            latest, changed = self.store.changes_since(self._seen_change)
+            if latest == self._seen_change:  # another thread caught up meanwhile
+                return
+            if changed is None:
+                entries = {(e.tenant, e.name): e for e in self.store.entries()}
+            else:
+                entries = {key: self.store.entry(*key) for key in changed}
             with self._lock:
-                for key in [k for k in self.records if k not in stored]:
-                    self._retire(self.records.pop(key))
-                for key, entry in stored.items():
-                    current = self.records.get(key)
-                    if (current is not None and current.entry.version >= entry.version) or not self._servable(entry):
-                        continue
-                    record = AdapterRecord(entry, entry.info["bytes"])
-                    self.records[key] = record
-                    self._by_key[record.key] = record
-                    if current is not None:
-                        self._retire(current)
-                    log.info("adapter %s v%d registered from the store", record.address, entry.version)
+                if changed is None:  # registered but no longer stored: deleted
+                    entries = {**dict.fromkeys(self.records), **entries}
+                for key, entry in entries.items():
+                    self._sync(key, entry)
+            self._seen_change = latest
+
+    def _sync(self, key: tuple[str, str], entry) -> None:
+        """Make ``key``'s registration follow the store's ``entry`` (None: deleted)."""
+        current = self.records.get(key)
+        if entry is None:
+            if current is not None:
+                self._retire(self.records.pop(key))
+            return
+        if (current is not None and current.entry.version >= entry.version) or not self._servable(entry):
+            return
+        record = AdapterRecord(entry, entry.info["bytes"])
+        self.records[key] = record
+        self._by_key[record.key] = record
+        if current is not None:
+            self._retire(current)
+        log.info("adapter %s v%d registered from the store", record.address, entry.version)
 
     def _servable(self, entry) -> bool:
         """False, with one warning per stored version, for what ``_unservable`` refuses."""

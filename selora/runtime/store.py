@@ -16,6 +16,12 @@ its commit: a replica starting (and recovering) while another uploads, or a kill
 finishing a commit, cannot remove a blob that is about to be referenced. Versions come from an
 AUTOINCREMENT key, so ``(tenant, name, version)`` names one set of bytes forever.
 
+Every put and delete also appends ``(tenant, name)`` to the ``changes`` log in its transaction.
+SQLite has one writer at a time, so the log's numbers follow commit order and have no gaps: a
+process serving from the store (another server, a Ray replica) catches up on what others
+committed by reading the rows past the last number it saw, not the whole manifest. The last
+``CHANGE_LOG_ROWS`` rows are kept; a reader that fell further behind reads everything once.
+
 API keys: ``sk-selora-`` + 43 url-safe characters (32 random bytes); only their SHA-256 is
 stored, and lookups compare digests in constant time. A store that has ever held a key
 (revoked ones included) requires one on every request.
@@ -46,6 +52,7 @@ DEFAULT_TENANT = "default"
 SHARED_TENANT = "shared"  # adapters every tenant may use; only admins change them
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # tenant and adapter names
 RESERVED_NAMES = ("base",)
+CHANGE_LOG_ROWS = 10_000  # puts and deletes kept in the change log
 
 
 def valid_name(name) -> bool:
@@ -81,6 +88,11 @@ CREATE TABLE IF NOT EXISTS adapters (
     UNIQUE (tenant, name)
 );
 CREATE INDEX IF NOT EXISTS adapters_sha ON adapters(sha256);
+CREATE TABLE IF NOT EXISTS changes (   -- one row per committed put or delete, in commit order
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -318,6 +330,7 @@ class AdapterStore:
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (tenant, name, sha, config, json.dumps(info), size, old.created if old else now, now))
                     new = self._entry(db, tenant, name)
+                    self._log_change(db, tenant, name)
             except BaseException:
                 self._drop_blob_if_unreferenced(sha)
                 raise
@@ -332,6 +345,7 @@ class AdapterStore:
                 old = self._entry(db, tenant, name)
                 if old is not None:
                     db.execute("DELETE FROM adapters WHERE version = ?", (old.version,))
+                    self._log_change(db, tenant, name)
             if old is not None:
                 self._drop_blob_if_unreferenced(old.sha256)
         return old
@@ -362,13 +376,32 @@ class AdapterStore:
     def entries(self) -> list[Entry]:
         return [self._row(r) for r in self._db().execute(f"SELECT {self._COLUMNS} FROM adapters ORDER BY tenant, name")]
 
-    def changed(self) -> bool:
-        """Whether another connection (another process: ``selora store import``, a second server;
-        or another thread here) committed since this thread last asked; True on a thread's first
-        call. SQLite's ``data_version``: one cheap query, no table read."""
-        version = self._db().execute("PRAGMA data_version").fetchone()[0]
-        seen, self._local.data_version = getattr(self._local, "data_version", None), version
-        return version != seen
+    # -- the change log --------------------------------------------------------------------
+    @staticmethod
+    def _log_change(db: sqlite3.Connection, tenant: str, name: str) -> None:
+        seq = db.execute("INSERT INTO changes (tenant, name) VALUES (?, ?)", (tenant, name)).lastrowid
+        db.execute("DELETE FROM changes WHERE seq <= ?", (seq - CHANGE_LOG_ROWS,))
+
+    def last_change(self) -> int:
+        """The newest change's number (0: none yet). One read of the log's last key: what every
+        lookup of a serving registry costs when nothing changed."""
+        return self._db().execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+
+    def changes_since(self, seq: int | None) -> tuple[int, list[tuple[str, str]] | None]:
+        """``(newest change, the (tenant, name) pairs put or deleted after change seq)``, read in
+        one snapshot. The pairs are None when the log cannot tell: ``seq`` is None, the rows after it
+        were pruned, or the log ends before ``seq`` (another store file). Read everything then."""
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            latest = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+            rows = [] if seq is None else db.execute("SELECT seq, tenant, name FROM changes WHERE seq > ? ORDER BY seq",
+                                                     (seq,)).fetchall()
+        finally:
+            db.execute("COMMIT")
+        if seq is None or latest < seq or (rows and rows[0][0] != seq + 1):
+            return latest, None
+        return latest, list(dict.fromkeys((tenant, name) for _, tenant, name in rows))
 
     # -- one-time imports ---------------------------------------------------------------
     def imported(self, source: str) -> bool:

@@ -18,6 +18,7 @@ from selora.runtime.registry import (
     import_tree,
 )
 from selora.runtime.slots import DeviceSlotsFullError
+from selora.runtime import store as store_module
 from selora.runtime.store import AdapterStore
 from tests.helpers import write_adapter
 
@@ -262,9 +263,11 @@ def test_preload_skips_what_a_model_less_import_let_in(three, tiny_vit, caplog):
 def test_commits_of_another_process_are_served_without_a_restart(three, tiny_vit, tiny_clip, tmp_path, caplog, monkeypatch):
     """``selora store import`` (or a second server) writes the store while this registry serves:
     the next lookup sees what it added, replaced or deleted; an adapter for another base stays
-    out, with one warning; when nothing changed, a lookup reads no table."""
+    out, with one warning; a lookup reads no manifest table, only the change log and the rows
+    of the adapters that changed."""
     root, _ = three
     reg = _registry(tiny_vit, root)
+    monkeypatch.setattr(reg.store, "entries", lambda: pytest.fail("read the whole table"))
     other = AdapterStore(reg.store.dir)  # its own SQLite connection, as another process has
     more = tmp_path / "more"
     blocks = list(tiny_vit.blocks)
@@ -289,8 +292,30 @@ def test_commits_of_another_process_are_served_without_a_restart(three, tiny_vit
         for _ in range(2):
             with pytest.raises(UnknownAdapterError):
                 reg.get("default/c")
-        other.set_quota("acme", max_adapters=3)  # any commit makes the registry look again
-        assert reg.get("default/n")
+        write_adapter(tiny_vit, more, "m", active=blocks[1:2])
+        assert import_tree(other, more, "default") == ["m", "n", "x"]  # c is not looked at again
+        assert reg.get("default/m")
     assert caplog.text.count("default/c v") == 1 and "is for another base" in caplog.text
-    monkeypatch.setattr(reg.store, "entries", lambda: pytest.fail("read the table though nothing changed"))
-    assert reg.get("default/n") and reg.pin("default/z") and len(reg.current()) == 3
+    assert reg.get("default/n") and reg.pin("default/z") and len(reg.current()) == 4
+
+
+def test_a_registry_behind_the_pruned_change_log_reads_the_whole_table(three, tiny_vit, tmp_path, monkeypatch):
+    """Past ``CHANGE_LOG_ROWS`` the log forgets; a registry that fell further behind must still
+    see every addition, replacement and deletion it missed."""
+    monkeypatch.setattr(store_module, "CHANGE_LOG_ROWS", 2)
+    root, _ = three
+    reg = _registry(tiny_vit, root)
+    other = AdapterStore(reg.store.dir)
+    reads = []
+    entries = reg.store.entries
+    monkeypatch.setattr(reg.store, "entries", lambda: reads.append(1) or entries())
+    x = reg.get("default/x")
+    more = tmp_path / "more"
+    write_adapter(tiny_vit, more, "n", active=list(tiny_vit.blocks)[3:5], seed=7)
+    write_adapter(tiny_vit, more, "x", active=list(tiny_vit.blocks)[5:7], seed=8)
+    import_tree(other, more, "default")
+    other.delete_adapter("default", "y")  # three changes: the first is pruned
+    assert [r.address for r in reg.current()] == ["default/n", "default/x", "default/z"] and reads == [1]
+    assert reg.get("default/x").entry.version > x.entry.version
+    other.delete_adapter("default", "z")  # within the log again: no table read
+    assert [r.address for r in reg.current()] == ["default/n", "default/x"] and reads == [1]
