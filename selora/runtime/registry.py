@@ -260,7 +260,11 @@ class AdapterRegistry:
             if current is not None:
                 self._retire(self.records.pop(key))
             return
-        if (current is not None and current.entry.version >= entry.version) or not self._servable(entry):
+        if current is not None and current.entry.version >= entry.version:
+            return
+        if not self._servable(entry):  # the name now holds a version this server cannot serve
+            if current is not None:  # a replaced version is never served again
+                self._retire(self.records.pop(key))
             return
         record = AdapterRecord(entry, entry.info["bytes"])
         self.records[key] = record

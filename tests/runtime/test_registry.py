@@ -297,6 +297,11 @@ def test_commits_of_another_process_are_served_without_a_restart(three, tiny_vit
         assert reg.get("default/m")
     assert caplog.text.count("default/c v") == 1 and "is for another base" in caplog.text
     assert reg.get("default/n") and reg.pin("default/z") and len(reg.current()) == 4
+    write_adapter(tiny_clip, clip, "m", active=list(tiny_clip.blocks)[:1])
+    assert import_tree(other, clip, "default") == ["c", "m"]  # m replaced by a version for another base
+    with pytest.raises(UnknownAdapterError):  # its old version is not served on
+        reg.get("default/m")
+    assert [r.address for r in reg.current()] == ["default/n", "default/x", "default/z"]
 
 
 def test_a_registry_behind_the_pruned_change_log_reads_the_whole_table(three, tiny_vit, tmp_path, monkeypatch):
