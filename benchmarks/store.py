@@ -133,47 +133,53 @@ def run(args) -> dict:
 
 def catch_up(sizes: tuple[int, ...], rounds: int, threads: int = 4) -> list[dict]:
     """Per stored size: each request thread's first lookup after another connection's commit."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from selora.adapters.format import parse_adapter
-    from selora.runtime.registry import AdapterRegistry, adapter_info
-    from selora.runtime.store import AdapterStore
+    from selora.runtime.registry import adapter_info
 
     backbone = quick_backbone()
     files = [_adapter_files(backbone, seed) for seed in (0, 1)]
     info = [adapter_info(parse_adapter(c, w, backbone.blocks)) for c, w in files]
     out = []
     for size in sizes:
-        work = Path(tempfile.mkdtemp(prefix="selora-store-catchup-"))
-        store = AdapterStore(work)
-        for i in range(size):
-            store.put_adapter(f"tenant{i % 100:03d}", f"ad{i:05d}", *files[0], info[0])
-        registry = AdapterRegistry(backbone, store, host_budget=2 * info[0]["bytes"], device_budget=1 << 20)
-        registry.preload()
-        other = AdapterStore(work)  # another process's connection
-        pools = [ThreadPoolExecutor(1) for _ in range(threads)]
-        ref = "tenant000/ad00000"
-
-        def timed_get():
-            t = time.perf_counter()
-            registry.get(ref)
-            return time.perf_counter() - t
-
-        for pool in pools:  # each thread's first lookup (connection opened) is not counted
-            pool.submit(timed_get).result()
-        first, total = [], []
-        for r in range(rounds):
-            other.put_adapter("tenant001", "churned", *files[r % 2], info[r % 2])
-            times = [pool.submit(timed_get).result() for pool in pools]
-            first.append(times[0])
-            total.append(sum(times))
-        for pool in pools:
-            pool.shutdown()
-        row = {"stored": size, "threads": threads, "rounds": rounds, "first_thread": _ms(first), "all_threads": _ms(total)}
-        print(f"catch-up, {size} stored: first thread {row['first_thread']['p50_ms']} ms, "
-              f"{threads} threads together {row['all_threads']['p50_ms']} ms (medians)", flush=True)
-        out.append(row)
+        with tempfile.TemporaryDirectory(prefix="selora-store-catchup-") as work:
+            out.append(_catch_up_at(backbone, Path(work), size, files, info, rounds, threads))
     return out
+
+
+def _catch_up_at(backbone, work: Path, size: int, files: list, info: list, rounds: int, threads: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from selora.runtime.registry import AdapterRegistry
+    from selora.runtime.store import AdapterStore
+
+    store = AdapterStore(work)
+    for i in range(size):
+        store.put_adapter(f"tenant{i % 100:03d}", f"ad{i:05d}", *files[0], info[0])
+    registry = AdapterRegistry(backbone, store, host_budget=2 * info[0]["bytes"], device_budget=1 << 20)
+    registry.preload()
+    other = AdapterStore(work)  # another process's connection
+    ref = "tenant000/ad00000"
+
+    def timed_get():
+        t = time.perf_counter()
+        registry.get(ref)
+        return time.perf_counter() - t
+
+    pools = [ThreadPoolExecutor(1) for _ in range(threads)]
+    for pool in pools:  # each thread's first lookup (connection opened) is not counted
+        pool.submit(timed_get).result()
+    first, total = [], []
+    for r in range(rounds):
+        other.put_adapter("tenant001", "churned", *files[r % 2], info[r % 2])
+        times = [pool.submit(timed_get).result() for pool in pools]
+        first.append(times[0])
+        total.append(sum(times))
+    for pool in pools:
+        pool.shutdown()
+    row = {"stored": size, "threads": threads, "rounds": rounds, "first_thread": _ms(first), "all_threads": _ms(total)}
+    print(f"catch-up, {size} stored: first thread {row['first_thread']['p50_ms']} ms, "
+          f"{threads} threads together {row['all_threads']['p50_ms']} ms (medians)", flush=True)
+    return row
 
 
 def markdown(res: dict) -> str:

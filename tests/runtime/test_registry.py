@@ -9,6 +9,7 @@ from safetensors.torch import load as load_safetensors
 
 from selora.adapters import AdapterError
 from selora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
+from selora.runtime import store as store_module
 from selora.runtime.registry import (
     AdapterRegistry,
     AdapterTooLargeError,
@@ -18,7 +19,6 @@ from selora.runtime.registry import (
     import_tree,
 )
 from selora.runtime.slots import DeviceSlotsFullError
-from selora.runtime import store as store_module
 from selora.runtime.store import AdapterStore
 from tests.helpers import write_adapter
 
